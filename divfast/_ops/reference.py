@@ -1,0 +1,93 @@
+"""Pure-PyTorch references of every divfast kernel: the oracle the tests compare kernels with, and the
+fallback when the compiled extension is missing. Vectorised, but written for clarity over speed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_pair_counts_args(predictions: torch.Tensor, target: torch.Tensor, num_classes: int) -> bool:
+    """The argument checks of ``divfast::pair_counts`` (same messages as csrc/checks.h)."""
+    if predictions.dim() not in (2, 3):
+        raise ValueError(
+            "pair_counts: `predictions` must be logits (M, B, C) or labels (M, B), got shape "
+            f"{list(predictions.shape)}"
+        )
+    if predictions.shape[0] < 1:
+        raise ValueError("pair_counts: `predictions` needs at least one member (M >= 1)")
+    logits = predictions.dim() == 3
+    if logits:
+        if predictions.dtype not in _LOGIT_DTYPES:
+            raise TypeError(
+                "pair_counts: logits `predictions` must be float16, bfloat16, float32 or float64, "
+                f"got {predictions.dtype}"
+            )
+        if predictions.shape[2] < 1:
+            raise ValueError("pair_counts: logits `predictions` need C >= 1 classes")
+        if num_classes not in (-1, predictions.shape[2]):
+            raise ValueError(
+                f"pair_counts: `num_classes` ({num_classes}) must be -1 or equal the logits' C "
+                f"({predictions.shape[2]})"
+            )
+    else:
+        if predictions.dtype != torch.int64:
+            raise TypeError(
+                f"pair_counts: label `predictions` (M, B) must be int64, got {predictions.dtype}"
+            )
+        if num_classes != -1 and num_classes < 1:
+            raise ValueError(
+                f"pair_counts: `num_classes` must be -1 (unchecked) or >= 1, got {num_classes}"
+            )
+    if target.dim() != 1 or target.dtype != torch.int64:
+        raise ValueError(
+            f"pair_counts: `target` must be a 1-D int64 tensor (B,), got {target.dtype} of shape "
+            f"{list(target.shape)}"
+        )
+    if target.shape[0] != predictions.shape[1]:
+        raise ValueError(
+            f"pair_counts: `target` has {target.shape[0]} samples but `predictions` has "
+            f"B = {predictions.shape[1]}"
+        )
+    if target.device != predictions.device:
+        raise ValueError(
+            f"pair_counts: `target` is on {target.device} but `predictions` on {predictions.device}"
+        )
+    return logits
+
+
+def _out_of_range(x: torch.Tensor, num_classes: int) -> bool:
+    if x.numel() == 0:
+        return False
+    return bool((x < 0).any() or (num_classes > 0 and (x >= num_classes).any()))
+
+
+def pair_counts(
+    predictions: torch.Tensor, target: torch.Tensor, num_classes: int = -1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference of ``divfast::pair_counts``; see :func:`divfast._ops.pair_counts.pair_counts`."""
+    logits = check_pair_counts_args(predictions, target, num_classes)
+    m, b = predictions.shape[:2]
+    bound = predictions.shape[2] if logits else num_classes
+    if logits:
+        if predictions.numel() and torch.isnan(predictions).any():
+            raise ValueError("pair_counts: logits `predictions` contain NaN")
+        labels = predictions.argmax(dim=-1) if b else predictions.new_zeros((m, 0), dtype=torch.long)
+    else:
+        labels = predictions
+        if _out_of_range(labels, bound):
+            raise ValueError(f"pair_counts: label `predictions` have a value outside [0, {bound})")
+    if _out_of_range(target, bound):
+        raise ValueError(
+            f"pair_counts: `target` has a label outside [0, {bound if bound > 0 else 'inf'})"
+        )
+    correct = labels == target  # (M, B) bool
+    c = correct.to(torch.float64)  # float64 GEMMs are exact for counts below 2**53 (and run on CUDA)
+    w = 1.0 - c
+    cells = [c @ c.T, c @ w.T, w @ c.T, w @ w.T]  # N11, N10, N01, N00: (M, M) each
+    counts = torch.stack(cells, dim=-1).round().to(torch.long).view(m, m, 2, 2)
+    agreement = (labels[:, None, :] == labels[None, :, :]).sum(dim=-1)  # (M, M)
+    histogram = torch.bincount(correct.sum(dim=0), minlength=m + 1)
+    return counts, agreement, histogram, correct

@@ -1,0 +1,5 @@
+"""Stateful, additive metrics: update / compute / merge / sync / state_dict."""
+
+from divfast.metrics.prediction import PredictionDiversity
+
+__all__ = ["PredictionDiversity"]
