@@ -42,3 +42,11 @@ def all_reduce_sum(states: dict[str, torch.Tensor], group=None) -> dict[str, tor
             out[k] = flat[offset:offset + size].view_as(states[k]).clone()
             offset += size
     return out
+
+
+def all_reduce_max(value: torch.Tensor, group=None) -> torch.Tensor:
+    """The element-wise maximum of ``value`` over the processes of ``group`` (a copy)."""
+    out = value.clone()
+    if is_distributed():
+        dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
+    return out

@@ -1,0 +1,5 @@
+"""Ensemble evaluation."""
+
+from divfast.ensembles.evaluate import evaluate
+
+__all__ = ["evaluate"]

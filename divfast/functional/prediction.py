@@ -58,8 +58,9 @@ def _check_inputs(predictions: torch.Tensor, target: torch.Tensor) -> None:
 def _ensemble_labels(labels: torch.Tensor, logits: torch.Tensor | None,
                      same: torch.Tensor) -> torch.Tensor:
     """The ensemble's prediction (B,): mean-logit argmax, or the plurality vote of labels."""
-    if logits is not None:
-        return logits.float().mean(dim=0).argmax(dim=-1)
+    if logits is not None:  # average in at least float32, float64 stays float64
+        wide = torch.promote_types(logits.dtype, torch.float32)
+        return logits.to(wide).mean(dim=0).argmax(dim=-1)
     votes = same.sum(dim=1)  # (M, B): members sharing member m's label
     top = labels.max() + 1 if labels.numel() else 1
     key = votes * top - labels  # most votes first, then the smallest label
@@ -151,10 +152,11 @@ def merge_prediction_stats(a: dict, b: dict) -> dict:
     return out
 
 
-def _nanmean_upper(mat: torch.Tensor) -> float:
+def _nanmean_offdiag(mat: torch.Tensor) -> float:
+    """Mean over ordered pairs i != k, NaN pairs excluded (for symmetric measures this is the mean
+    over the unordered pairs i < k)."""
     m = mat.shape[0]
-    iu = torch.triu_indices(m, m, offset=1, device=mat.device)
-    vals = mat[iu[0], iu[1]]
+    vals = mat[~torch.eye(m, dtype=torch.bool, device=mat.device)]
     vals = vals[~torch.isnan(vals)]
     return float(vals.mean()) if vals.numel() else math.nan
 
@@ -193,7 +195,7 @@ def prediction_measures(stats: dict[str, torch.Tensor]) -> dict:
 
     out: dict = {"n_samples": int(n), "n_members": m}
     for name in PAIRWISE:
-        out[name] = _nanmean_upper(pair[name])
+        out[name] = _nanmean_offdiag(pair[name])
     out.update(_non_pairwise(hist, m, n))
     n_ens = float(stats["ensemble_correct"])
     out["member_accuracy"] = [float(x) for x in (n11.diagonal() / n)] if n else [math.nan] * m

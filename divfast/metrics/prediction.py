@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from divfast.distributed import all_reduce_sum
+from divfast.distributed import all_reduce_max, all_reduce_sum
 from divfast.functional.prediction import (
     empty_prediction_stats,
     merge_prediction_stats,
@@ -80,9 +80,10 @@ class PredictionDiversity:
             raise RuntimeError(
                 "PredictionDiversity.sync: no state; pass `num_members` so every rank has one"
             )
-        species = self.state["species"]
         summed = all_reduce_sum({k: v for k, v in self.state.items() if k != "species"}, group)
-        summed["species"] = species
+        # species = min(M, C) is a constant of the ensemble, not a sum: a rank that saw no data
+        # still has 0, so take the maximum.
+        summed["species"] = all_reduce_max(self.state["species"], group)
         self.state = summed
         return self
 

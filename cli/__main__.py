@@ -1,0 +1,3 @@
+from divfast.cli.main import main
+
+main()

@@ -1,0 +1,54 @@
+"""Dataset specs: ``"clean"`` (and, with the corruptions module, ``"lines1.6"`` and the rest).
+
+A dataset yields float images in [0, 1] ``(3, H, W)`` and int64 labels; each member normalises its own
+input (the checkpoint records the mean and std), so one pass of the data serves every member.
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch.utils.data import Dataset
+
+from divfast.data.digits import digits_dataset
+from divfast.errors import DivfastError
+
+KNOWN_SPECS = ("clean",)
+
+
+def parse_dataset_spec(spec: str) -> tuple[str, float]:
+    """``"clean"`` -> ``("clean", 0.0)``; anything else is an error listing the valid specs."""
+    name = spec.strip().lower()
+    if name == "clean":
+        return "clean", 0.0
+    raise DivfastError(f"--dataset: unknown dataset spec {spec!r}; expected one of: "
+                       f"{', '.join(KNOWN_SPECS)}")
+
+
+def build_dataset(spec: str = "clean", data: str | None = None, split: str = "test",
+                  image_size: int | None = None) -> Dataset:
+    """The dataset named by ``spec`` over the embedded digits, or over an ImageFolder at ``data``.
+
+    Args:
+        spec: dataset spec, e.g. ``"clean"``.
+        data: optional ImageFolder root (class sub-folders); default: the embedded digits.
+        split: ``"train"`` or ``"test"`` of the embedded digits (ignored for an ImageFolder).
+        image_size: crop size for an ImageFolder (Resize(size * 256 / 224), CenterCrop(size)).
+    """
+    parse_dataset_spec(spec)
+    if data is None:
+        return digits_dataset(split)
+    if not os.path.isdir(data):
+        raise DivfastError(f"--data: {data!r} is not a directory (expected an ImageFolder root)")
+    from torchvision import datasets, transforms
+
+    size = image_size or 224
+    tf = transforms.Compose([
+        transforms.Resize(int(round(size * 256 / 224))),
+        transforms.CenterCrop(size),
+        transforms.ToTensor(),
+    ])
+    try:
+        return datasets.ImageFolder(data, transform=tf)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise DivfastError(f"--data: {data!r} is not a usable ImageFolder: {exc}") from exc

@@ -1,0 +1,197 @@
+"""Ensemble members: the checkpoint format, and loading from files or timm names.
+
+A member checkpoint is ONE safetensors file: the model's weights plus a JSON document under the
+``"divfast"`` metadata key::
+
+    {"format": "divfast-member", "format_version": 1, "architecture": "resnet10t",
+     "model_kwargs": {}, "num_classes": 10, "input_size": [3, 32, 32],
+     "mean": [...], "std": [...], "provenance": {"dataset": ..., "loss": ..., "seed": ..., ...}}
+
+Loading never unpickles anything: safetensors holds raw tensors and the metadata is JSON.
+``timm:NAME`` builds a timm model with its pretrained weights when they are available locally (the
+hub cache) and fails with a one-line error when they are not (no network at run time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from divfast.errors import DivfastError
+from divfast.io import atomic_path
+
+FORMAT = "divfast-member"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class MemberInfo:
+    """What a checkpoint says about its model."""
+
+    architecture: str
+    num_classes: int
+    input_size: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    model_kwargs: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+    name: str = ""
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "format_version": FORMAT_VERSION,
+                "architecture": self.architecture, "model_kwargs": self.model_kwargs,
+                "num_classes": self.num_classes, "input_size": list(self.input_size),
+                "mean": list(self.mean), "std": list(self.std), "provenance": self.provenance}
+
+
+class Member(nn.Module):
+    """A classifier that takes images in [0, 1] ``(B, 3, H, W)``: it resizes to its input size when
+    needed and applies its own normalisation, so one batch of data serves every member."""
+
+    def __init__(self, model: nn.Module, info: MemberInfo):
+        super().__init__()
+        self.model = model
+        self.info = info
+        self.register_buffer("mean", torch.tensor(info.mean, dtype=torch.float32).view(1, -1, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(info.std, dtype=torch.float32).view(1, -1, 1, 1),
+                             persistent=False)
+
+    @property
+    def name(self) -> str:
+        return self.info.name or self.info.architecture
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        size = tuple(self.info.input_size[1:])
+        if tuple(images.shape[-2:]) != size:
+            images = F.interpolate(images, size=size, mode="bilinear", align_corners=False,
+                                   antialias=True)
+        return self.model((images - self.mean) / self.std)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def create_member(architecture: str, num_classes: int, input_size=(3, 32, 32),
+                  mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), model_kwargs: dict | None = None,
+                  provenance: dict | None = None, name: str = "") -> Member:
+    """A freshly initialised timm model wrapped as a Member (no weights are downloaded)."""
+    import timm
+
+    kwargs = dict(model_kwargs or {})
+    if architecture not in timm.list_models():
+        raise DivfastError(
+            f"unknown timm architecture {architecture!r} (see timm.list_models() for valid names)")
+    model = timm.create_model(architecture, pretrained=False, num_classes=num_classes, **kwargs)
+    info = MemberInfo(architecture, int(num_classes), tuple(input_size), tuple(mean), tuple(std),
+                      kwargs, dict(provenance or {}), name)
+    return Member(model, info)
+
+
+def save_member(member: Member, path: str) -> None:
+    """Writes ``member`` as a divfast checkpoint (safetensors + JSON metadata), atomically."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in member.model.state_dict().items()}
+    meta = {"divfast": json.dumps(member.info.to_json())}
+    with atomic_path(path) as tmp:
+        save_file(state, tmp, metadata=meta)
+
+
+def read_member_info(path: str) -> MemberInfo:
+    """Reads only the metadata of a checkpoint (cheap: the header, not the weights)."""
+    from safetensors import safe_open
+
+    _check_file(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise DivfastError(
+            f"--members: {path!r} is not a readable safetensors checkpoint ({exc})") from exc
+    if "divfast" not in meta:
+        raise DivfastError(f"--members: {path!r} has no divfast metadata (expected a checkpoint "
+                           "written by `divfast train` or divfast.data.save_member)")
+    try:
+        doc = json.loads(meta["divfast"])
+        if doc.get("format") != FORMAT:
+            raise ValueError(f"format is {doc.get('format')!r}")
+        if int(doc.get("format_version", 0)) > FORMAT_VERSION:
+            raise ValueError(f"format_version {doc['format_version']} is newer than this divfast")
+        return MemberInfo(doc["architecture"], int(doc["num_classes"]), tuple(doc["input_size"]),
+                          tuple(doc["mean"]), tuple(doc["std"]), dict(doc.get("model_kwargs", {})),
+                          dict(doc.get("provenance", {})),
+                          os.path.splitext(os.path.basename(path))[0])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DivfastError(f"--members: {path!r} has malformed divfast metadata ({exc})") from exc
+
+
+def _check_file(path: str) -> None:
+    if not os.path.exists(path):
+        raise DivfastError(f"--members: {path!r} does not exist (expected a member checkpoint "
+                           "file or timm:NAME)")
+    if not os.path.isfile(path):
+        raise DivfastError(f"--members: {path!r} is not a file")
+    if not os.access(path, os.R_OK):
+        raise DivfastError(f"--members: {path!r} is not readable")
+
+
+def _load_timm(name: str) -> Member:
+    import timm
+
+    arch = name[len("timm:"):]
+    if not arch or arch not in timm.list_models(pretrained=True) and arch not in timm.list_models():
+        raise DivfastError(f"--members: unknown timm model {arch!r} in {name!r}")
+    try:
+        model = timm.create_model(arch, pretrained=True)
+    except Exception as exc:  # hub errors vary: offline, missing cache, no pretrained tag
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DivfastError(
+            f"--members: pretrained weights for {name!r} are not available offline ({first}); "
+            "pass a checkpoint file instead, or pre-populate the timm/Hugging Face cache") from exc
+    cfg = model.pretrained_cfg
+    info = MemberInfo(arch, int(model.num_classes), tuple(cfg.get("input_size", (3, 224, 224))),
+                      tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
+                      tuple(cfg.get("std", (0.229, 0.224, 0.225))), {},
+                      {"source": f"timm pretrained: {cfg.get('hf_hub_id') or arch}"}, arch)
+    return Member(model, info)
+
+
+def load_member(spec: str, device: torch.device | str = "cpu") -> Member:
+    """Loads one member: a checkpoint path or ``timm:NAME``; returns it in eval mode on ``device``."""
+    if spec.startswith("timm:"):
+        member = _load_timm(spec)
+    else:
+        from safetensors.torch import load_file
+
+        info = read_member_info(spec)
+        member = create_member(info.architecture, info.num_classes, info.input_size, info.mean,
+                               info.std, info.model_kwargs, info.provenance, info.name)
+        try:
+            state = load_file(spec)
+            member.model.load_state_dict(state, strict=True)
+        except (RuntimeError, OSError) as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise DivfastError(f"--members: weights in {spec!r} do not fit architecture "
+                               f"{info.architecture!r} ({first})") from exc
+    return member.to(device).eval()
+
+
+def load_members(specs: list[str], device: torch.device | str = "cpu") -> list[Member]:
+    """Loads every member; all must predict the same number of classes."""
+    if not specs:
+        raise DivfastError("--members: expected at least one member (comma-separated paths or "
+                           "timm:NAME)")
+    members = [load_member(s, device) for s in specs]
+    first = members[0].info.num_classes
+    for spec, m in zip(specs, members):
+        if m.info.num_classes != first:
+            raise DivfastError(
+                f"--members: {spec!r} predicts {m.info.num_classes} classes but {specs[0]!r} "
+                f"predicts {first}; every member must share the class count")
+    return members

@@ -1,0 +1,65 @@
+"""Render evaluation reports as tables for a terminal (rich) or plain text."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+# name, what it measures, which direction means more diverse
+MEASURE_DOCS = {
+    "disagreement": ("pairs where exactly one member is right (Eq. 4)", "up"),
+    "q_statistic": ("Yule's Q of the correct/incorrect table", "down"),
+    "correlation": ("correlation of the members' correctness", "down"),
+    "double_fault": ("pairs both wrong", "down"),
+    "entropy": ("Kuncheva-Whitaker entropy E", "up"),
+    "kohavi_wolpert": ("Kohavi-Wolpert variance", "up"),
+    "kappa": ("interrater agreement kappa", "down"),
+    "difficulty": ("difficulty theta (variance of the share correct)", "down"),
+    "generalized_diversity": ("generalized diversity GD", "up"),
+    "coincident_failure": ("coincident failure diversity CFD", "up"),
+    "label_disagreement": ("pairs predicting different labels", "up"),
+    "kl": ("mean KL(p_i || p_k) of softmax outputs, nats", "up"),
+    "cosine": ("mean cosine similarity of softmax outputs", "down"),
+    "equitability_correct": ("Shannon equitability, ensemble-correct samples (Eq. 5)", "up"),
+    "equitability_incorrect": ("Shannon equitability, ensemble-wrong samples (Eq. 5)", "up"),
+}
+
+
+def _fmt(x: float, pct: bool = False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "nan"
+    return f"{100 * x:.2f}" if pct else f"{x:.4f}"
+
+
+def render_eval(report: dict, file=None) -> None:
+    """Prints the members/ensemble accuracy table and the diversity table of one eval report."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=file or sys.stdout, width=110)
+    acc = Table(title=f"divfast eval — dataset {report['dataset']} ({report['n_samples']} samples)",
+                title_justify="left")
+    acc.add_column("model")
+    acc.add_column("architecture")
+    acc.add_column("params", justify="right")
+    acc.add_column("top-1 %", justify="right")
+    acc.add_column("top-5 %", justify="right")
+    for row in report["members"]:
+        acc.add_row(row["name"], row["architecture"], f"{row['parameters'] / 1e6:.2f}M",
+                    _fmt(row["top1"], True), _fmt(row["top5"], True))
+    ens = report["ensemble"]
+    gain = 100 * ens["gain_top1"]
+    acc.add_row(f"ensemble ({ens['consensus']})", "", "", _fmt(ens["top1"], True),
+                _fmt(ens["top5"], True), style="bold")
+    console.print(acc)
+    console.print(f"gain over best member ({ens['best_member']}): {gain:+.2f} points top-1")
+
+    div = Table(title="prediction diversity", title_justify="left")
+    div.add_column("measure")
+    div.add_column("value", justify="right")
+    div.add_column("more diverse", justify="center")
+    div.add_column("meaning")
+    for name, (meaning, direction) in MEASURE_DOCS.items():
+        div.add_row(name, _fmt(report["diversity"][name]), "↑" if direction == "up" else "↓",
+                    meaning)
+    console.print(div)
