@@ -31,6 +31,15 @@ DESLIB_MEASURES = ("disagreement_measure", "Q_statistic", "correlation_coefficie
 TARGETS = {"floor": 1.5, "reference": 3.0, "deslib": 1000.0}
 
 
+def cpu_seconds() -> tuple[float, float, float]:
+    """(busy CPU seconds of the whole machine, of this process, wall clock) for a busy check."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:9]]
+    own = os.times()
+    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
+    return busy, own.user + own.system, time.monotonic()
+
+
 def machine_info(device: str) -> dict:
     model = "unknown"
     try:
@@ -43,7 +52,6 @@ def machine_info(device: str) -> dict:
         "cpu": model,
         "logical_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "load_average_1m": os.getloadavg()[0],
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": np.__version__,
@@ -70,48 +78,55 @@ def make_inputs(m: int, n: int, c: int, accuracy: float, seed: int):
     return logits, target
 
 
-def time_cpu(fn, repeats: int) -> list[float]:
-    fn()  # warm-up: page faults, thread pool, allocator
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
+def time_calls(fns: dict, repeats: int, cuda: bool = False) -> dict[str, list[float]]:
+    """Seconds of each call, the functions taking turns so that they share the machine's moods.
 
-
-def time_cuda(fn, repeats: int) -> list[float]:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+    On a shared VM the memory bandwidth drifts from minute to minute; timing a kernel and the
+    bandwidth probe in alternation keeps their ratio honest.
+    """
+    for fn in fns.values():  # warm-up: page faults, thread pool, allocator, CUDA context
         fn()
-        end.record()
+    if cuda:
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if cuda:
+                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times[name].append(start.elapsed_time(end) / 1e3)
+            else:
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
     return times
 
 
-def with_threads(threads: int, fn):
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(saved)
+def threaded(threads: int, fn):
+    """``fn`` run under ``torch.set_num_threads(threads)``."""
+
+    def call():
+        saved = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(saved)
+
+    return call
 
 
-def read_bandwidth(x: torch.Tensor, repeats: int, timer) -> dict:
-    """GB/s of a full read of ``x`` (``x.sum()``); on the CPU with all threads and with one."""
-    gb = x.numel() * x.element_size() / 1e9
+def read_probes(x: torch.Tensor) -> dict:
+    """Full reads of ``x``; on the CPU with all threads and with one (more can be slower)."""
     if x.is_cuda:
-        return {"sum": gb / statistics.median(timer(lambda: x.sum(), repeats))}
+        return {"x.sum()": lambda: x.sum(), "x.amax()": lambda: x.amax()}
     out = {}
     for threads in sorted({torch.get_num_threads(), 1}, reverse=True):
-        t = with_threads(threads, lambda: statistics.median(timer(lambda: x.sum(), repeats)))
-        out[f"sum_{threads}t"] = gb / t
+        out[f"x.sum() {threads}t"] = threaded(threads, lambda: x.sum())
+        out[f"x.amax() {threads}t"] = threaded(threads, lambda: x.amax())
     return out
 
 
@@ -182,6 +197,32 @@ def bench_deslib(labels: torch.Tensor, target: torch.Tensor, args) -> dict:
     return out
 
 
+def time_device(logits, target, labels, c: int, repeats: int):
+    """Read bandwidth (GB/s per probe) and {(method, input): seconds} on the inputs' device."""
+    op, cuda = torch.ops.divfast.pair_counts, logits.is_cuda
+    probes = read_probes(logits)
+    # the kernel from logits takes turns with the probes: its distance to the floor is a ratio
+    times = time_calls({**probes, "kernel": lambda: op(logits, target, -1)}, repeats, cuda)
+    gbps = {name: logits.numel() * logits.element_size() / 1e9 / statistics.median(times[name])
+            for name in probes}
+    out = {("torch.argmax alone", "logits"): time_calls(
+        {"argmax": lambda: logits.argmax(-1)}, repeats, cuda)["argmax"]}
+    out[("torch reference", "logits")] = time_calls(
+        {"ref": lambda: reference.pair_counts(logits, target)}, max(3, repeats // 2), cuda)["ref"]
+    out[("divfast kernel", "logits")] = times["kernel"]
+    times = time_calls({"ref": lambda: reference.pair_counts(labels, target, c),
+                        "kernel": lambda: op(labels, target, c)}, max(repeats, 30), cuda)
+    out[("torch reference", "labels")] = times["ref"]
+    out[("divfast kernel", "labels")] = times["kernel"]
+    if not cuda and torch.get_num_threads() > 1:
+        # one thread never waits at an OpenMP barrier for a core another process holds
+        for inp, fn in (("logits", lambda: op(logits, target, -1)),
+                        ("labels", lambda: op(labels, target, c))):
+            out[("divfast kernel, 1 thread", inp)] = time_calls(
+                {inp: threaded(1, fn)}, repeats if inp == "logits" else max(repeats, 30))[inp]
+    return gbps, out
+
+
 def format_table(rows: list[dict], floors: dict, deslib_base: float | None) -> str:
     """One Markdown table: the floors first, then every timed method."""
 
@@ -192,7 +233,7 @@ def format_table(rows: list[dict], floors: dict, deslib_base: float | None) -> s
               f"{'vs ref':>7} | {'x floor':>8} | {'vs DESlib':>9} |")
     lines = [header, "|" + "|".join("-" * len(cell) for cell in header.split("|")[1:-1]) + "|"]
     for (inp, device), floor in floors.items():
-        lines.append(f"| {'read floor (bytes / x.sum bandwidth)':<42} | {inp:<6} | {device:<4} | "
+        lines.append(f"| {'read floor (bytes / best read GB/s)':<42} | {inp:<6} | {device:<4} | "
                      f"{floor * 1e3:>10.2f} | {'-':>6} | {'-':>7} | {1.0:>8.2f} | "
                      f"{ratio(deslib_base / floor if deslib_base else None):>9} |")
     for row in rows:
@@ -237,6 +278,7 @@ def main(argv=None) -> dict:
           f"{m * (m - 1) // 2} pairs, repeats={args.repeats}")
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
 
+    begin = cpu_seconds()
     logits, target = make_inputs(m, n, c, args.accuracy, args.seed)
     labels = logits.argmax(dim=-1)  # (M, N)
     accuracy = (labels == target).double().mean(dim=1)
@@ -258,49 +300,32 @@ def main(argv=None) -> dict:
     if not exact:
         raise SystemExit("\noutputs differ: not timing a wrong kernel")
 
-    rows = []  # one dict per timed method
-
-    def add(method, inp, device, times, nbytes):
-        rows.append({"method": method, "input": inp, "device": device, "bytes": nbytes,
-                     "seconds": statistics.median(times), "all_seconds": times})
-        print(f"  timed {method} ({inp}, {device}): {rows[-1]['seconds'] * 1e3:.2f} ms", flush=True)
-
-    print(f"timing on the CPU with {torch.get_num_threads()} threads:")
-    bw = read_bandwidth(logits, args.repeats, time_cpu)
-    cpu_bw = max(bw.values())
-    print("  read bandwidth: " + ", ".join(f"x.{k} {v:.1f} GB/s" for k, v in bw.items()))
-    r = args.repeats
-    add("torch.argmax alone", "logits", "cpu", time_cpu(lambda: logits.argmax(-1), r), logit_bytes)
-    add("torch reference", "logits", "cpu",
-        time_cpu(lambda: reference.pair_counts(logits, target), max(3, r // 2)), logit_bytes)
-    add("divfast kernel", "logits", "cpu", time_cpu(lambda: op(logits, target, -1), r), logit_bytes)
-    add("torch reference", "labels", "cpu",
-        time_cpu(lambda: reference.pair_counts(labels, target, c), r), label_bytes)
-    add("divfast kernel", "labels", "cpu",
-        time_cpu(lambda: op(labels, target, c), max(r, 30)), label_bytes)
-    floors = {("logits", "cpu"): logit_bytes / 1e9 / cpu_bw,
-              ("labels", "cpu"): label_bytes / 1e9 / cpu_bw}
-
-    if args.device == "cuda":
-        dev = torch.device("cuda")
-        xg, tg, lg = logits.to(dev), target.to(dev), labels.to(dev)
-        if not (check_exact(op(xg, tg, -1), ref_logits, "CUDA kernel vs CPU reference, logits")
-                & check_exact(op(lg, tg, c), ref_logits, "CUDA kernel vs CPU reference, labels")):
-            raise SystemExit("\nCUDA outputs differ: not timing a wrong kernel")
-        gpu_bw = read_bandwidth(xg, r, time_cuda)["sum"]
-        bw["cuda_sum"] = gpu_bw
-        floors[("logits", "cuda")] = logit_bytes / 1e9 / gpu_bw
-        floors[("labels", "cuda")] = label_bytes / 1e9 / gpu_bw
-        print(f"  CUDA read bandwidth: x.sum {gpu_bw:.0f} GB/s")
-        add("torch.argmax alone", "logits", "cuda",
-            time_cuda(lambda: xg.argmax(-1), r), logit_bytes)
-        add("torch reference", "logits", "cuda",
-            time_cuda(lambda: reference.pair_counts(xg, tg), r), logit_bytes)
-        add("divfast kernel", "logits", "cuda", time_cuda(lambda: op(xg, tg, -1), r), logit_bytes)
-        add("torch reference", "labels", "cuda",
-            time_cuda(lambda: reference.pair_counts(lg, tg, c), r), label_bytes)
-        add("divfast kernel", "labels", "cuda", time_cuda(lambda: op(lg, tg, c), r), label_bytes)
-        del xg
+    rows, bw, floors = [], {}, {}
+    devices = ["cpu"] + (["cuda"] if args.device == "cuda" else [])
+    for device in devices:
+        if device == "cuda":
+            x, t, lab = (v.to(torch.device("cuda")) for v in (logits, target, labels))
+            same = check_exact(op(x, t, -1), ref_logits, "CUDA kernel vs CPU reference, logits")
+            same &= check_exact(op(lab, t, c), ref_logits, "CUDA kernel vs CPU reference, labels")
+            if not same:
+                raise SystemExit("\nCUDA outputs differ: not timing a wrong kernel")
+        else:
+            x, t, lab = logits, target, labels
+        where = (f"{torch.get_num_threads()} threads" if device == "cpu"
+                 else torch.cuda.get_device_name())
+        print(f"timing on {device} ({where}):", flush=True)
+        probes, timings = time_device(x, t, lab, c, args.repeats)
+        bw.update({f"{device} {name}": gbps for name, gbps in probes.items()})
+        best = max(probes.values())
+        print("  read bandwidth (GB/s): " + ", ".join(f"{k} {v:.1f}" for k, v in probes.items()))
+        floors[("logits", device)] = logit_bytes / 1e9 / best
+        floors[("labels", device)] = label_bytes / 1e9 / best
+        for (method, inp), times in timings.items():
+            rows.append({"method": method, "input": inp, "device": device,
+                         "bytes": logit_bytes if inp == "logits" else label_bytes,
+                         "seconds": statistics.median(times), "all_seconds": times})
+            print(f"  {method} ({inp}): {rows[-1]['seconds'] * 1e3:.2f} ms", flush=True)
+        del x, t, lab
 
     deslib = bench_deslib(labels, target, args) if deslib_ok else None
     if deslib:
@@ -346,11 +371,13 @@ def main(argv=None) -> dict:
         print(f"  {'PASS' if ok else 'FAIL'}  {name}: {value:,.2f}x")
 
     profile = run_profile(logits, labels, target, args) if args.profile else None
-    info["load_average_1m_end"] = os.getloadavg()[0]
-    if max(info["load_average_1m"], info["load_average_1m_end"]) > 0.5:
-        # other processes on these cores stall the OpenMP barriers: multi-thread times inflate
-        print(f"\nnote: the machine was busy (1-min load {info['load_average_1m']:.1f} at start, "
-              f"{info['load_average_1m_end']:.1f} at end); rerun on an idle machine to trust these")
+    end = cpu_seconds()
+    others = ((end[0] - begin[0]) - (end[1] - begin[1])) / (end[2] - begin[2])
+    info["other_processes_cores"] = others
+    print(f"\nother processes used {others:.2f} cores on average meanwhile")
+    if others > 0.2:
+        # a busy core stalls every OpenMP barrier: multi-threaded times inflate, sometimes 10x
+        print("note: the machine was busy; rerun on an idle machine to trust these numbers")
     result = {"config": vars(args), "machine": info, "accuracy": accuracy.tolist(),
               "bandwidth_gb_s": bw, "floors_s": {f"{k[0]}/{k[1]}": v for k, v in floors.items()},
               "rows": rows, "deslib": deslib, "table": table, "profile": profile,
@@ -364,30 +391,31 @@ def main(argv=None) -> dict:
 def run_profile(logits, labels, target, args) -> dict:
     """Where the kernel's time goes: thread sweep, labels vs logits, in-cache throughput."""
     op, r, c = torch.ops.divfast.pair_counts, args.repeats, args.classes
-    gb = logits.numel() * 4 / 1e9
     out = {}
-    print("\nprofile (ms, median):")
-    for threads in sorted({1, torch.get_num_threads()}):
-        t = with_threads(threads, lambda: {
-            "x.sum": statistics.median(time_cpu(lambda: logits.sum(), r)),
-            "kernel logits": statistics.median(time_cpu(lambda: op(logits, target, -1), r)),
-            "kernel labels": statistics.median(time_cpu(lambda: op(labels, target, c), max(r, 30))),
-        })
-        out[f"{threads}t"] = t
-        print(f"  {threads} thread(s): " + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in t.items())
-              + f" (GB/s: x.sum {gb / t['x.sum']:.1f}, kernel {gb / t['kernel logits']:.1f})")
+    print("\nprofile (median ms; GB/s of the logits read):")
     # 2 members x 2048 samples x 1000 classes = 16 MB sits in the L3 (32 MB here): compute speed
     small, small_t = logits[:2, :2048].contiguous(), target[:2048].contiguous()
-    gb_small = small.numel() * 4 / 1e9
     for threads in sorted({1, torch.get_num_threads()}):
-        t = with_threads(threads, lambda: {
-            "x.sum": statistics.median(time_cpu(lambda: small.sum(), 50)),
-            "kernel logits": statistics.median(time_cpu(lambda: op(small, small_t, -1), 50)),
-            "torch.argmax": statistics.median(time_cpu(lambda: small.argmax(-1), 20)),
-        })
-        out[f"in_cache_{threads}t_gb_s"] = {k: gb_small / v for k, v in t.items()}
-        print(f"  in cache ({gb_small * 1e3:.0f} MB), {threads} thread(s), GB/s: " + ", ".join(
-            f"{k} {gb_small / v:.1f}" for k, v in t.items()))
+        times = time_calls({
+            "x.sum()": threaded(threads, lambda: logits.sum()),
+            "kernel logits": threaded(threads, lambda: op(logits, target, -1)),
+        }, r)
+        times.update(time_calls({"kernel labels": threaded(threads, lambda: op(labels, target, c))},
+                                max(r, 30)))
+        cached = time_calls({
+            "x.sum()": threaded(threads, lambda: small.sum()),
+            "kernel logits": threaded(threads, lambda: op(small, small_t, -1)),
+            "torch.argmax": threaded(threads, lambda: small.argmax(-1)),
+        }, 30)
+        ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        gb_cached = {k: small.numel() * 4 / 1e9 / statistics.median(v) for k, v in cached.items()}
+        out[f"{threads}t_ms"], out[f"{threads}t_in_cache_gb_s"] = ms, gb_cached
+        gb = logits.numel() * 4 / 1e6
+        print(f"  {threads} thread(s): " + ", ".join(
+            f"{k} {v:.2f} ms" + (f" ({gb / v:.1f} GB/s)" if "labels" not in k else "")
+            for k, v in ms.items()))
+        print(f"  {threads} thread(s), in cache ({small.numel() * 4 / 1e6:.0f} MB), GB/s: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in gb_cached.items()))
     return out
 
 

@@ -39,9 +39,15 @@ def _device(name: str):
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"--device: {name!r} is not a device (expected cpu, cuda, cuda:N or auto)") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device: {name!r} requested but no CUDA device is visible")
-    return torch.device(name)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: {name!r} is not supported (expected cpu, cuda, cuda:N or auto)")
+    return device
 
 
 def _split(csv: str) -> list[str]:
@@ -76,7 +82,7 @@ def info(as_json):
 def _run_eval(members, dataset, data, batch_size, device, as_json, out, progress):
     from divfast.data import build_dataset, load_members
     from divfast.ensembles import evaluate
-    from divfast.io import write_json_atomic
+    from divfast.io import ensure_dir, json_safe, write_json_atomic
     from divfast.report import render_eval
 
     dev = _device(device)
@@ -85,9 +91,10 @@ def _run_eval(members, dataset, data, batch_size, device, as_json, out, progress
     report = evaluate(loaded, ds, dataset, batch_size=batch_size, device=dev, progress=progress)
     report["member_files"] = members
     if out:
+        ensure_dir(out)
         write_json_atomic(os.path.join(out, "report.json"), report)
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        click.echo(json.dumps(json_safe(report), indent=2, allow_nan=False))
     else:
         render_eval(report)
         if out:

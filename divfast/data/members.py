@@ -84,13 +84,24 @@ def create_member(architecture: str, num_classes: int, input_size=(3, 32, 32),
     import timm
 
     kwargs = dict(model_kwargs or {})
-    if architecture not in timm.list_models():
-        raise DivfastError(
-            f"unknown timm architecture {architecture!r} (see timm.list_models() for valid names)")
+    check_architectures([architecture])
     model = timm.create_model(architecture, pretrained=False, num_classes=num_classes, **kwargs)
     info = MemberInfo(architecture, int(num_classes), tuple(input_size), tuple(mean), tuple(std),
                       kwargs, dict(provenance or {}), name)
     return Member(model, info)
+
+
+def check_architectures(architectures: list[str], option: str = "--members") -> None:
+    """Every name must be a timm architecture; the error names ``option`` and the bad name."""
+    import timm
+
+    known = set(timm.list_models())
+    for arch in architectures:
+        if arch not in known:
+            close = timm.list_models(f"*{arch[:4]}*")[:5] if arch else []
+            hint = f"; similar: {', '.join(close)}" if close else ""
+            raise DivfastError(f"{option}: unknown timm architecture {arch!r} (see "
+                               f"timm.list_models() for valid names{hint})")
 
 
 def save_member(member: Member, path: str) -> None:
@@ -119,6 +130,8 @@ def read_member_info(path: str) -> MemberInfo:
                            "written by `divfast train` or divfast.data.save_member)")
     try:
         doc = json.loads(meta["divfast"])
+        if not isinstance(doc, dict):
+            raise ValueError(f"expected a JSON object, got {type(doc).__name__}")
         if doc.get("format") != FORMAT:
             raise ValueError(f"format is {doc.get('format')!r}")
         if int(doc.get("format_version", 0)) > FORMAT_VERSION:
@@ -170,13 +183,18 @@ def load_member(spec: str, device: torch.device | str = "cpu") -> Member:
         from safetensors.torch import load_file
 
         info = read_member_info(spec)
+        try:
+            check_architectures([info.architecture])
+        except DivfastError as exc:
+            raise DivfastError(f"--members: {spec!r} names an architecture this timm lacks: "
+                               f"{info.architecture!r}") from exc
         member = create_member(info.architecture, info.num_classes, info.input_size, info.mean,
                                info.std, info.model_kwargs, info.provenance, info.name)
         try:
             state = load_file(spec)
             member.model.load_state_dict(state, strict=True)
         except (RuntimeError, OSError) as exc:
-            first = str(exc).strip().splitlines()[0]
+            first = " ".join(str(exc).split())[:300]  # torch's message spans lines: keep the keys
             raise DivfastError(f"--members: weights in {spec!r} do not fit architecture "
                                f"{info.architecture!r} ({first})") from exc
     return member.to(device).eval()

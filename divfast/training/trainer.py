@@ -18,9 +18,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from divfast.data.digits import NUM_CLASSES, digits_dataset
-from divfast.data.members import Member, create_member, save_member
+from divfast.data.members import Member, check_architectures, create_member, save_member
 from divfast.errors import DivfastError
-from divfast.io import write_json_atomic
+from divfast.io import ensure_dir, write_json_atomic
 from divfast.training.losses import build_loss
 
 
@@ -55,9 +55,11 @@ def _check_config(cfg: TrainConfig, n_train: int) -> None:
                            f"got {cfg.batch_size}")
     if not cfg.lr > 0:
         raise DivfastError(f"--lr: expected > 0, got {cfg.lr}")
+    check_architectures(cfg.architectures)
 
 
 def _prepare_out_dir(out_dir: str, cfg: TrainConfig, overwrite: bool) -> None:
+    ensure_dir(out_dir)
     run_file = os.path.join(out_dir, "run.json")
     if os.path.exists(run_file) and not overwrite:
         with open(run_file, encoding="utf-8") as f:
@@ -65,7 +67,6 @@ def _prepare_out_dir(out_dir: str, cfg: TrainConfig, overwrite: bool) -> None:
         if previous != json.loads(json.dumps(asdict(cfg))):
             raise DivfastError(f"--out: {out_dir!r} holds a different run (see run.json); "
                                "pass --overwrite or choose another directory")
-    os.makedirs(out_dir, exist_ok=True)
     write_json_atomic(run_file, {"config": asdict(cfg), "status": "running"})
 
 

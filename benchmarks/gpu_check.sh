@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One prepared run for a lent GPU machine (see the device tool): build the extension there, run the
+# CUDA op tests and the GPU benchmarks, write everything under $OUT. Budget: under 8 minutes.
+#   run: bash benchmarks/gpu_check.sh   (with `carry` not needed: the build happens on the machine)
+set -uo pipefail
+OUT=${OUT:-/tmp/divfast-gpu}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/gpu_check.log") 2>&1
+nvidia-smi || true
+python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
+# captum is absent on the GPU image; only the attribution tests need it (none run here yet).
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+time MAX_JOBS=16 python -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 \
+  || { echo "BUILD FAILED"; tail -50 "$OUT/build.log"; exit 1; }
+python -m divfast.cli info --json | tee "$OUT/info.json"
+DIVFAST_REQUIRE_EXTENSION=1 DIVFAST_REQUIRE_CUDA=1 timeout 300 python -m pytest -q \
+  tests/test_ops_pair_counts.py -k cuda 2>&1 | tail -30 | tee "$OUT/pytest_cuda.txt"
+timeout 180 python benchmarks/bench_pair_counts.py --device cuda --json "$OUT/bench_pair_counts_cuda.json" \
+  2>&1 | tee "$OUT/bench_pair_counts_cuda.txt"
+echo "gpu_check done"
