@@ -5,9 +5,11 @@
     python -m benchmarks.bench_pair_counts --device cuda # adds the CUDA kernel's rows
 
 From logits the op is a single read of ``M*N*C`` floats, so the floor is those bytes over the
-machine's measured read bandwidth: the better median of an all-threads and a one-thread ``x.sum()``
-over the same tensor. DESlib computes each pairwise measure with a Python loop over samples, so it
-is timed from labels, with the numpy arrays its API documents (and, for comparison, Python lists).
+machine's measured read bandwidth: the best median of ``x.sum()`` and ``x.amax()`` over the same
+tensor, with all threads and with one, timed in turns with the kernel (a shared VM's bandwidth
+drifts from minute to minute; only interleaved timings give an honest ratio). DESlib computes each
+pairwise measure with a Python loop over samples, so it is timed from labels, with the numpy arrays
+its API documents (and, for comparison, Python lists).
 """
 
 from __future__ import annotations
@@ -158,8 +160,8 @@ def check_deslib(labels: torch.Tensor, target: torch.Tensor) -> bool:
     counts = torch.ops.divfast.pair_counts(labels, target, -1)[0]  # (M, M, 2, 2)
     labels, target = labels.numpy(), target.numpy()
 
-    n11, n10, n01, n00 = (counts[..., a, b].double() / len(target) for a, b in itertools.product(
-        (0, 1), (0, 1)))
+    share = counts.double() / len(target)  # (M, M, 2, 2) of N11, N10 / N01, N00
+    n11, n10, n01, n00 = share[..., 0, 0], share[..., 0, 1], share[..., 1, 0], share[..., 1, 1]
     ours = {
         "disagreement_measure": n10 + n01,
         "Q_statistic": (n11 * n00 - n01 * n10) / (n11 * n00 + n01 * n10),

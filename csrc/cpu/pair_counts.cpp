@@ -101,7 +101,7 @@ __attribute__((target("avx2"))) int64_t argmax_f32_avx2(const float* x, int64_t 
 }
 
 bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2");
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
   return has;
 }
 #endif
@@ -146,7 +146,9 @@ struct Accum {
 };
 
 // Folds one tile of labels (M rows of `t` samples, leading dimension `ld`) into `acc`.
-void tile_update(const int64_t* lab, int64_t ld, const int64_t* target, int64_t t, int64_t m,
+// Always inlined into the per-ISA entry points below, so that the compiler vectorises the label
+// comparisons with AVX2 (64-bit compares) and uses the popcnt instruction where the CPU has them.
+__attribute__((always_inline)) inline void tile_update_impl(const int64_t* lab, int64_t ld, const int64_t* target, int64_t t, int64_t m,
                  int64_t num_classes, bool check_labels, bool* correct, int64_t b_total,
                  uint64_t* words, int32_t* n_correct, Accum& acc) {
   for (int64_t j = 0; j < t; ++j) {
@@ -183,6 +185,26 @@ void tile_update(const int64_t* lab, int64_t ld, const int64_t* target, int64_t 
       acc.agree[i * m + k] += same;
     }
   }
+}
+
+#define DIVFAST_TILE_ARGS                                                                       \
+  const int64_t *lab, int64_t ld, const int64_t *target, int64_t t, int64_t m, int64_t num_classes, \
+      bool check_labels, bool *correct, int64_t b_total, uint64_t *words, int32_t *n_correct,     \
+      Accum &acc
+#define DIVFAST_TILE_CALL \
+  lab, ld, target, t, m, num_classes, check_labels, correct, b_total, words, n_correct, acc
+
+#if defined(__x86_64__)
+__attribute__((target("avx2,popcnt"))) void tile_update_avx2(DIVFAST_TILE_ARGS) {
+  tile_update_impl(DIVFAST_TILE_CALL);
+}
+#endif
+
+void tile_update(DIVFAST_TILE_ARGS) {
+#if defined(__x86_64__)
+  if (cpu_has_avx2()) return tile_update_avx2(DIVFAST_TILE_CALL);
+#endif
+  tile_update_impl(DIVFAST_TILE_CALL);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_counts_cpu(
