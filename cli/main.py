@@ -79,7 +79,7 @@ def info(as_json):
             click.echo(f"{key}: {value}")
 
 
-def _run_eval(members, dataset, data, batch_size, device, as_json, out, progress):
+def _run_eval(members, dataset, data, batch_size, device, as_json, out, progress, workers=0):
     from divfast.data import build_dataset, load_members
     from divfast.ensembles import evaluate
     from divfast.io import ensure_dir, json_safe, write_json_atomic
@@ -88,7 +88,8 @@ def _run_eval(members, dataset, data, batch_size, device, as_json, out, progress
     dev = _device(device)
     loaded = load_members(members, dev)
     ds = build_dataset(dataset, data=data, image_size=loaded[0].info.input_size[-1])
-    report = evaluate(loaded, ds, dataset, batch_size=batch_size, device=dev, progress=progress)
+    report = evaluate(loaded, ds, dataset, batch_size=batch_size, device=dev, progress=progress,
+                      num_workers=workers)
     report["member_files"] = members
     if out:
         ensure_dir(out)
@@ -111,11 +112,12 @@ def _run_eval(members, dataset, data, batch_size, device, as_json, out, progress
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--out", type=click.Path(), default=None, help="Directory for report.json.")
+@click.option("--workers", default=0, show_default=True, type=int, help="Data-loader processes.")
 @click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
 @_user_errors
-def eval_cmd(members, dataset, data, batch_size, device, as_json, out, progress):
+def eval_cmd(members, dataset, data, batch_size, device, as_json, out, workers, progress):
     """Evaluate an ensemble: member and ensemble accuracy, gain, prediction diversity."""
-    _run_eval(_split(members), dataset, data, batch_size, device, as_json, out, progress)
+    _run_eval(_split(members), dataset, data, batch_size, device, as_json, out, progress, workers)
 
 
 @cli.command()
@@ -130,12 +132,19 @@ def eval_cmd(members, dataset, data, batch_size, device, as_json, out, progress)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--out", default="runs/train", show_default=True, type=click.Path())
 @click.option("--overwrite", is_flag=True, help="Replace a different run in --out.")
+@click.option("--data", type=click.Path(), default=None,
+              help="ImageFolder root to train on; default: the embedded digits train split.")
+@click.option("--val-data", type=click.Path(), default=None,
+              help="ImageFolder root for per-epoch accuracy (default: --data itself).")
+@click.option("--image-size", default=224, show_default=True, type=int,
+              help="Crop size for --data images.")
+@click.option("--workers", default=0, show_default=True, type=int, help="Data-loader processes.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--progress/--no-progress", default=True)
 @_user_errors
-def train(members, arch, num_members, loss, epochs, batch_size, lr, seed, out, overwrite, device,
-          progress):
-    """Train an ensemble on the embedded digits and write member checkpoints."""
+def train(members, arch, num_members, loss, epochs, batch_size, lr, seed, out, overwrite, data,
+          val_data, image_size, workers, device, progress):
+    """Train an ensemble (default: on the embedded digits) and write member checkpoints."""
     from divfast.training import TrainConfig, list_losses, train_ensemble
 
     if loss not in list_losses():
@@ -148,9 +157,26 @@ def train(members, arch, num_members, loss, epochs, batch_size, lr, seed, out, o
         archs = [arch] * num_members
     else:
         archs = _split(members or DEFAULT_DEMO_MEMBERS)
+    extra = {}
+    if val_data and not data:
+        raise ValueError("--val-data needs --data (the embedded digits have their own test split)")
+    if data:
+        from divfast.data import build_dataset
+
+        if image_size < 8:
+            raise ValueError(f"--image-size: expected >= 8, got {image_size}")
+        train_set = build_dataset("clean", data=data, image_size=image_size)
+        val_set = build_dataset("clean", data=val_data or data, image_size=image_size)
+        if val_data and val_set.classes != train_set.classes:
+            raise ValueError("--val-data: its class folders differ from those of --data")
+        extra = {"train_set": train_set, "test_set": val_set,
+                 "num_classes": len(train_set.classes)}
+    if workers < 0:
+        raise ValueError(f"--workers: expected >= 0, got {workers}")
     cfg = TrainConfig(architectures=archs, loss=loss, epochs=epochs, batch_size=batch_size, lr=lr,
-                      seed=seed)
-    paths = train_ensemble(cfg, out, device=_device(device), overwrite=overwrite, progress=progress)
+                      seed=seed, dataset=os.path.abspath(data) if data else "digits")
+    paths = train_ensemble(cfg, out, device=_device(device), overwrite=overwrite, progress=progress,
+                           num_workers=workers, **extra)
     for p in paths:
         click.echo(p)
 

@@ -188,6 +188,10 @@ def test_eval_progress_goes_to_stderr(runner, ckpts):
     (["train", "--lr", "0", "--out", "{out}"], "--lr"),
     (["train", "--members", "resnet10t", "--arch", "resnet10t", "--out", "{out}"], "--arch"),
     (["train", "--arch", "resnet10t", "--num-members", "0", "--out", "{out}"], "--num-members"),
+    (["train", "--workers", "-1", "--out", "{out}"], "--workers"),
+    (["train", "--data", "{missing}", "--out", "{out}"], "--data"),
+    (["train", "--val-data", "{dir}", "--out", "{out}"], "--val-data"),
+    (["eval", "--members", "{a}", "--workers", "-1"], "--workers"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else v)
 def test_bad_input_is_one_line_error(runner, ckpts, tmp_path, args, flag):
     paths = dict(ckpts, missing=str(tmp_path / "missing.safetensors"),
@@ -265,6 +269,47 @@ def test_train_writes_checkpoints_and_refuses_a_different_run(runner, tmp_path):
     result = invoke(runner, ["eval", "--members", path, "--json", "--no-progress"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["members"][0]["architecture"] == "resnet10t"
+
+
+def _image_folder(root: Path, classes=("cat", "dog"), per_class=3, size=(40, 50)):
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            px = torch.randint(0, 256, (size[1], size[0], 3), generator=gen, dtype=torch.uint8)
+            Image.fromarray(px.numpy()).save(root / c / f"{i}.png")
+    return root
+
+
+def test_train_and_eval_on_an_image_folder(runner, tmp_path):
+    """`train --data` takes an ImageFolder: classes from its folders, crops at --image-size, and the
+    checkpoints evaluate on the same folder with `eval --data`."""
+    data = _image_folder(tmp_path / "folder")
+    out = tmp_path / "run"
+    result = invoke(runner, ["train", "--arch", "resnet10t", "--num-members", "2", "--epochs", "1",
+                             "--batch-size", "3", "--data", str(data), "--image-size", "32",
+                             "--out", str(out), "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    paths = result.stdout.split()
+    assert len(paths) == 2
+    members = load_members(paths)
+    assert all(m.info.num_classes == 2 and m.info.input_size == (3, 32, 32) for m in members)
+    assert members[0].info.provenance["dataset"] == str(data)
+    result = invoke(runner, ["eval", "--members", ",".join(paths), "--data", str(data), "--json",
+                             "--no-progress", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["n_samples"] == 6 and report["num_classes"] == 2
+
+
+def test_train_val_data_must_share_classes(runner, tmp_path):
+    data = _image_folder(tmp_path / "a")
+    other = _image_folder(tmp_path / "b", classes=("x", "y", "z"))
+    result = invoke(runner, ["train", "--data", str(data), "--val-data", str(other),
+                             "--image-size", "32", "--out", str(tmp_path / "run")])
+    assert_user_error(result, "--val-data")
 
 
 # --- README ------------------------------------------------------------------------------------

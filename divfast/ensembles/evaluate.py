@@ -27,7 +27,7 @@ def _topk_correct(logits: torch.Tensor, target: torch.Tensor, k: int) -> torch.T
 @torch.no_grad()
 def evaluate(members: list[Member], dataset: Dataset, dataset_spec: str = "clean",
              batch_size: int = 128, device: str | torch.device = "cpu", progress: bool = True,
-             member_names: list[str] | None = None) -> dict:
+             member_names: list[str] | None = None, num_workers: int = 0) -> dict:
     """Evaluates ``members`` (logit averaging) on ``dataset``; returns the report dict.
 
     The report (schema ``divfast.eval/1``) holds per-member top-1/top-5 and parameter counts, the
@@ -39,7 +39,9 @@ def evaluate(members: list[Member], dataset: Dataset, dataset_spec: str = "clean
     if batch_size < 1:
         raise ValueError(f"--batch-size: expected >= 1, got {batch_size}")
     m = len(members)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    if num_workers < 0:
+        raise ValueError(f"--workers: expected >= 0, got {num_workers}")
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     num_classes = members[0].info.num_classes
     metric = PredictionDiversity(num_members=m, num_classes=num_classes)
     top1 = torch.zeros(m, dtype=torch.long)

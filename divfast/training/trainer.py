@@ -40,8 +40,12 @@ class TrainConfig:
     loss_options: dict = field(default_factory=dict)
 
 
-def _channel_stats(dataset: Dataset) -> tuple[list[float], list[float]]:
-    x = torch.stack([dataset[i][0] for i in range(len(dataset))])  # (N, 3, H, W)
+def _channel_stats(dataset: Dataset, max_images: int = 512,
+                   seed: int = 0) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std over (a seeded sample of at most ``max_images`` of) the images."""
+    n = len(dataset)
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_images].sort().values
+    x = torch.stack([dataset[int(i)][0] for i in idx])  # (n, 3, H, W)
     return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
 
 
@@ -86,7 +90,7 @@ def _accuracy(members: list[Member], loader: DataLoader, device) -> tuple[list[f
 def train_ensemble(cfg: TrainConfig, out_dir: str, device: str | torch.device = "cpu",
                    overwrite: bool = False, progress: bool = True,
                    train_set: Dataset | None = None, test_set: Dataset | None = None,
-                   num_classes: int = NUM_CLASSES) -> list[str]:
+                   num_classes: int = NUM_CLASSES, num_workers: int = 0) -> list[str]:
     """Trains ``cfg.architectures`` jointly with ``cfg.loss``; returns the checkpoint paths.
 
     Args:
@@ -97,6 +101,7 @@ def train_ensemble(cfg: TrainConfig, out_dir: str, device: str | torch.device = 
         progress: draw a progress bar on stderr.
         train_set, test_set: datasets of images in [0, 1]; default: the embedded digits.
         num_classes: the classifier width.
+        num_workers: data-loader worker processes.
     """
     import timm.optim
     from tqdm import tqdm
@@ -120,8 +125,8 @@ def train_ensemble(cfg: TrainConfig, out_dir: str, device: str | torch.device = 
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.decay_every, gamma=cfg.decay_factor)
     gen = torch.Generator().manual_seed(cfg.seed)
     loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=gen,
-                        drop_last=len(train_set) >= 2 * cfg.batch_size)
-    test_loader = DataLoader(test_set, batch_size=256)
+                        drop_last=len(train_set) >= 2 * cfg.batch_size, num_workers=num_workers)
+    test_loader = DataLoader(test_set, batch_size=256, num_workers=num_workers)
     log_path = os.path.join(out_dir, "log.jsonl")
     open(log_path, "w").close()
 
