@@ -428,6 +428,13 @@ def test_metric_bad_input(gen):
 # --- the stateful metric -----------------------------------------------------------------------
 
 
+def make_inputs(kind, m, n, c, gen):
+    """Logits (num_classes from their width) or labels (num_classes given): (x, t, num_classes)."""
+    if kind == "logits":
+        return (*make_logits(m, n, c, gen), None)
+    return (*make_labels(m, n, c, gen), c)
+
+
 def split(n, sizes):
     assert sum(sizes) == n
     bounds = np.cumsum([0] + list(sizes))
@@ -437,8 +444,7 @@ def split(n, sizes):
 @pytest.mark.parametrize("kind", ["logits", "labels"])
 def test_uneven_batches_equal_functional(gen, kind):
     m, n, c = 4, 301, 6
-    x, t = make_logits(m, n, c, gen) if kind == "logits" else make_labels(m, n, c, gen)
-    nc = None if kind == "logits" else c
+    x, t, nc = make_inputs(kind, m, n, c, gen)
     want = prediction_diversity(x, t, num_classes=nc)
     for num_members in (None, m):
         metric = PredictionDiversity(num_members=num_members, num_classes=nc)
@@ -475,8 +481,7 @@ def shard_metrics(x, t, nc, m):
 @pytest.mark.parametrize("kind", ["logits", "labels"])
 def test_shards_merge_to_whole(gen, kind):
     m, n, c = 5, 257, 4
-    x, t = make_logits(m, n, c, gen) if kind == "logits" else make_labels(m, n, c, gen)
-    nc = None if kind == "logits" else c
+    x, t, nc = make_inputs(kind, m, n, c, gen)
     want = prediction_diversity(x, t, num_classes=nc)
     shards = shard_metrics(x, t, nc, m)
     for order in (range(len(shards)), reversed(range(len(shards)))):
@@ -498,8 +503,7 @@ def test_shards_merge_to_whole(gen, kind):
 @pytest.mark.parametrize("kind", ["logits", "labels"])
 def test_state_dict_round_trip_then_merge(gen, kind, tmp_path):
     m, n, c = 3, 190, 5
-    x, t = make_logits(m, n, c, gen) if kind == "logits" else make_labels(m, n, c, gen)
-    nc = None if kind == "logits" else c
+    x, t, nc = make_inputs(kind, m, n, c, gen)
     want = prediction_diversity(x, t, num_classes=nc)
     loaded = []
     for i, shard in enumerate(shard_metrics(x, t, nc, m)):

@@ -242,6 +242,20 @@ def test_evaluate_labels_out_of_range(members):
         evaluate(members, ds, "clean", progress=False)
 
 
+def test_evaluate_nan_logits_name_the_member(members):
+    """A member whose weights are corrupt (NaN) is named in a one-line error, not a kernel message."""
+    import copy
+
+    broken = copy.deepcopy(members[1])
+    with torch.no_grad():
+        next(broken.model.parameters()).fill_(float("nan"))
+    ds = TensorDataset(torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match=r"--members: .*NaN logits") as info:
+        evaluate([members[0], broken], ds, "clean", progress=False,
+                 member_names=["good", "broken"])
+    assert "'broken'" in str(info.value) and "'good'" not in str(info.value)
+
+
 def test_evaluate_empty_dataset(members):
     ds = TensorDataset(torch.rand(0, 3, 32, 32), torch.zeros(0, dtype=torch.long))
     with pytest.raises(ValueError, match="no samples"):

@@ -56,6 +56,12 @@ def evaluate(members: list[Member], dataset: Dataset, dataset_spec: str = "clean
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
             raise ValueError(f"--dataset: {dataset_spec!r} has labels outside the members' "
                              f"{num_classes} classes [0, {num_classes})")
+        bad = torch.isnan(logits).flatten(1).any(dim=1)  # (M,): a model fault, not a user typo
+        if bool(bad.any()):
+            names = member_names or [mb.name for mb in members]
+            culprit = names[int(bad.nonzero()[0])]
+            raise ValueError(f"--members: {culprit!r} produced NaN logits on {dataset_spec!r} "
+                             f"(samples {n}..{n + len(y) - 1}); its weights may be corrupt")
         metric.update(logits, y)
         top1 += _topk_correct(logits, y, 1).cpu()
         top5 += _topk_correct(logits, y, 5).cpu()

@@ -40,7 +40,7 @@ class TrainConfig:
     loss_options: dict = field(default_factory=dict)
 
 
-def _channel_stats(dataset: Dataset, max_images: int = 512,
+def _channel_stats(dataset: Dataset, max_images: int = 2048,
                    seed: int = 0) -> tuple[list[float], list[float]]:
     """Per-channel mean and std over (a seeded sample of at most ``max_images`` of) the images."""
     n = len(dataset)
