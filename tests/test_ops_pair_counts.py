@@ -322,30 +322,6 @@ def test_errors_leave_no_partial_state(device, gen):
 # --- registration ------------------------------------------------------------------------------
 
 
-def opcheck_samples(device, gen):
-    d = device
-    def target(b, c):
-        return torch.randint(0, c, (b,), generator=gen).to(d)
-
-    return [
-        (torch.randn(3, 70, 5, generator=gen).to(d), target(70, 5), -1),
-        (torch.randint(0, 4, (2, 9), generator=gen).to(d), target(9, 4), 4),
-        (torch.randn(65, 4, 7, generator=gen, dtype=torch.float64).to(d).transpose(0, 1),
-         target(65, 7), 7),
-        (torch.randn(1, 0, 3, generator=gen).to(torch.float16).to(d), target(0, 3), -1),
-        (torch.randn(2, 5, 3, generator=gen).to(torch.bfloat16).to(d), target(5, 3), -1),
-    ]
-
-
-def test_opcheck(device, gen):
-    kernel(*opcheck_samples(device, gen)[0])  # loads the extension (and the fake kernels)
-    utils = ("test_schema", "test_autograd_registration", "test_faketensor",
-             "test_aot_dispatch_static", "test_aot_dispatch_dynamic")
-    for args in opcheck_samples(device, gen):
-        result = torch.library.opcheck(torch.ops.divfast.pair_counts, args, test_utils=utils)
-        assert result == {u: "SUCCESS" for u in utils}, result
-
-
 def test_fake_shapes(gen):
     kernel(torch.zeros(1, 1, 1), torch.zeros(1, dtype=torch.long), -1)
     from torch._subclasses.fake_tensor import FakeTensorMode
