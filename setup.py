@@ -15,17 +15,39 @@ from setuptools import setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def _version_key(path):
+    """/usr/local/cuda-13.0 -> (13, 0): numeric, so 13.0 sorts above 9.2."""
+    tail = os.path.basename(path).split("-", 1)[-1]
+    return tuple(int(p) if p.isdigit() else -1 for p in tail.split("."))
+
+
+def _torch_cuda_version():
+    """torch.version.cuda of the installed torch, read without importing torch.utils.cpp_extension
+    (which reads CUDA_HOME at import time)."""
+    try:
+        import torch
+
+        return torch.version.cuda
+    except ImportError:
+        return None
+
+
 def _find_cuda_home():
     """The toolkit's own folder: the one whose bin/ holds the real nvcc.
 
     The nvcc first on PATH may be a wrapper script; torch's guess from it breaks linking, so follow
-    the wrapper to the real binary and prefer an explicit CUDA_HOME.
+    the wrapper to the real binary and prefer an explicit CUDA_HOME, then the toolkit matching
+    torch's CUDA version, then the newest installed one.
     """
     for var in ("CUDA_HOME", "CUDA_PATH"):
         home = os.environ.get(var)
         if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
             return home
-    candidates = sorted(glob.glob("/usr/local/cuda-*"), reverse=True) + ["/usr/local/cuda"]
+    candidates = sorted(glob.glob("/usr/local/cuda-*"), key=_version_key, reverse=True)
+    wanted = _torch_cuda_version()
+    if wanted:
+        candidates = [c for c in candidates if c.endswith(f"-{wanted}")] + candidates
+    candidates.append("/usr/local/cuda")
     for home in candidates:
         nvcc = os.path.join(home, "bin", "nvcc")
         if os.path.isfile(nvcc):
@@ -75,7 +97,8 @@ def _extension():
     include_dirs = [os.path.join(ROOT, "csrc")]
     with_cuda = bool(torch.version.cuda) and CUDA_HOME is not None
     if with_cuda:
-        nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "-DDIVFAST_WITH_CUDA"]
+        # No --use_fast_math: it flushes denormals, and argmax must compare them like torch does.
+        nvcc = ["-O3", "-std=c++20", "-lineinfo", "-DDIVFAST_WITH_CUDA"]
         cxx.append("-DDIVFAST_WITH_CUDA")
         return (
             CUDAExtension(

@@ -14,7 +14,7 @@ time MAX_JOBS=16 python -m pip install --no-build-isolation --no-deps -e . >"$OU
   || { echo "BUILD FAILED"; tail -50 "$OUT/build.log"; exit 1; }
 python -m divfast.cli info --json | tee "$OUT/info.json"
 DIVFAST_REQUIRE_EXTENSION=1 DIVFAST_REQUIRE_CUDA=1 timeout 300 python -m pytest -q \
-  tests/test_ops_pair_counts.py -k cuda 2>&1 | tail -30 | tee "$OUT/pytest_cuda.txt"
+  tests/test_ops_pair_counts.py tests/test_ops_registry.py -k cuda 2>&1 | tail -30 | tee "$OUT/pytest_cuda.txt"
 timeout 180 python benchmarks/bench_pair_counts.py --device cuda --json "$OUT/bench_pair_counts_cuda.json" \
   2>&1 | tee "$OUT/bench_pair_counts_cuda.txt"
 echo "gpu_check done"

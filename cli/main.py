@@ -14,6 +14,8 @@ import sys
 
 import click
 
+from divfast.errors import DivfastError  # light: no torch
+
 DEFAULT_DEMO_MEMBERS = "resnet10t,convnext_atto,efficientvit_m0"
 
 
@@ -22,11 +24,9 @@ def _user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from divfast.errors import DivfastError
-
         try:
             return fn(*args, **kwargs)
-        except (DivfastError, ValueError, TypeError, FileNotFoundError, PermissionError) as exc:
+        except (DivfastError, FileNotFoundError, PermissionError) as exc:  # bugs keep tracebacks
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             click.echo(f"Error: {msg}", err=True)
             sys.exit(2)
@@ -42,11 +42,11 @@ def _device(name: str):
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise ValueError(f"--device: {name!r} is not a device (expected cpu, cuda, cuda:N or auto)") from exc
+        raise DivfastError(f"--device: {name!r} is not a device (expected cpu, cuda, cuda:N or auto)") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device: {name!r} requested but no CUDA device is visible")
+        raise DivfastError(f"--device: {name!r} requested but no CUDA device is visible")
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device: {name!r} is not supported (expected cpu, cuda, cuda:N or auto)")
+        raise DivfastError(f"--device: {name!r} is not supported (expected cpu, cuda, cuda:N or auto)")
     return device
 
 
@@ -148,31 +148,31 @@ def train(members, arch, num_members, loss, epochs, batch_size, lr, seed, out, o
     from divfast.training import TrainConfig, list_losses, train_ensemble
 
     if loss not in list_losses():
-        raise ValueError(f"--loss: unknown loss {loss!r}; expected one of: {', '.join(list_losses())}")
+        raise DivfastError(f"--loss: unknown loss {loss!r}; expected one of: {', '.join(list_losses())}")
     if members and arch:
-        raise ValueError("--members and --arch are exclusive: give a list, or one architecture")
+        raise DivfastError("--members and --arch are exclusive: give a list, or one architecture")
     if arch:
         if num_members < 1:
-            raise ValueError(f"--num-members: expected >= 1, got {num_members}")
+            raise DivfastError(f"--num-members: expected >= 1, got {num_members}")
         archs = [arch] * num_members
     else:
         archs = _split(members or DEFAULT_DEMO_MEMBERS)
     extra = {}
     if val_data and not data:
-        raise ValueError("--val-data needs --data (the embedded digits have their own test split)")
+        raise DivfastError("--val-data needs --data (the embedded digits have their own test split)")
     if data:
         from divfast.data import build_dataset
 
         if image_size < 8:
-            raise ValueError(f"--image-size: expected >= 8, got {image_size}")
+            raise DivfastError(f"--image-size: expected >= 8, got {image_size}")
         train_set = build_dataset("clean", data=data, image_size=image_size)
         val_set = build_dataset("clean", data=val_data or data, image_size=image_size)
         if val_data and val_set.classes != train_set.classes:
-            raise ValueError("--val-data: its class folders differ from those of --data")
+            raise DivfastError("--val-data: its class folders differ from those of --data")
         extra = {"train_set": train_set, "test_set": val_set,
                  "num_classes": len(train_set.classes)}
     if workers < 0:
-        raise ValueError(f"--workers: expected >= 0, got {workers}")
+        raise DivfastError(f"--workers: expected >= 0, got {workers}")
     cfg = TrainConfig(architectures=archs, loss=loss, epochs=epochs, batch_size=batch_size, lr=lr,
                       seed=seed, dataset=os.path.abspath(data) if data else "digits")
     paths = train_ensemble(cfg, out, device=_device(device), overwrite=overwrite, progress=progress,
@@ -191,7 +191,7 @@ def demo(out, epochs, device):
     from divfast.training import TrainConfig, train_ensemble
 
     click.echo(f"divfast demo: training {DEFAULT_DEMO_MEMBERS} on the embedded digits "
-               f"({epochs} epochs, CPU: about 2 minutes)", err=True)
+               f"({epochs} epochs, CPU: 1-2 minutes)", err=True)
     cfg = TrainConfig(architectures=_split(DEFAULT_DEMO_MEMBERS), epochs=epochs)
     paths = train_ensemble(cfg, out, device=_device(device), overwrite=True)
     _run_eval(paths, "clean", None, 256, device, False, out, True)

@@ -29,9 +29,10 @@ inline bool check_pair_counts_args(const at::Tensor& predictions, const at::Tens
     TORCH_CHECK_VALUE(num_classes == -1 || num_classes >= 1,
                 "pair_counts: `num_classes` must be -1 (unchecked) or >= 1, got ", num_classes);
   }
-  TORCH_CHECK_VALUE(target.dim() == 1 && target.scalar_type() == at::kLong,
-              "pair_counts: `target` must be a 1-D int64 tensor (B,), got ", target.scalar_type(),
-              " of shape ", target.sizes());
+  TORCH_CHECK_VALUE(target.dim() == 1, "pair_counts: `target` must be a 1-D tensor (B,), got shape ",
+                    target.sizes());
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, "pair_counts: `target` must be int64, got ",
+                   target.scalar_type());
   TORCH_CHECK_VALUE(target.size(0) == predictions.size(1), "pair_counts: `target` has ", target.size(0),
               " samples but `predictions` has B = ", predictions.size(1));
   TORCH_CHECK_VALUE(target.device() == predictions.device(), "pair_counts: `target` is on ",

@@ -43,10 +43,3 @@ def all_reduce_sum(states: dict[str, torch.Tensor], group=None) -> dict[str, tor
             offset += size
     return out
 
-
-def all_reduce_max(value: torch.Tensor, group=None) -> torch.Tensor:
-    """The element-wise maximum of ``value`` over the processes of ``group`` (a copy)."""
-    out = value.clone()
-    if is_distributed():
-        dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
-    return out

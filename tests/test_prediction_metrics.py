@@ -604,3 +604,51 @@ def test_ddp_sync_rank_without_data(ddp_results, kind):
     x, t, nc = _ddp_data(kind)
     assert_same_result(ddp_results[f"{kind}_rank0only_1.pt"],
                        prediction_diversity(x[:, :50], t[:50], num_classes=nc))
+
+
+# --- review findings: each pins a rule the docstring states ----------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool], ids=str)
+def test_non_integer_target_is_a_type_error(gen, dtype):
+    x, t = make_logits(2, 3, 4, gen)
+    with pytest.raises(TypeError, match="`target`"):
+        prediction_diversity(x, t.to(dtype))
+
+
+@pytest.mark.parametrize("where", ["posinf", "all_neginf"])
+def test_undefined_softmax_is_an_error_not_a_dropped_member(gen, where):
+    x, t = make_logits(3, 20, 5, gen)
+    if where == "posinf":
+        x[0, 0, 2] = float("inf")
+    else:
+        x[2, 4, :] = float("-inf")
+    with pytest.raises(ValueError, match="`predictions`"):
+        prediction_diversity(x, t)
+
+
+def test_some_neg_inf_logits_are_fine(gen):
+    """-inf entries are masked classes: softmax stays defined, so every measure is finite."""
+    x, t = make_logits(3, 20, 5, gen)
+    x[:, :, 4] = float("-inf")
+    t = t.clamp_max(3)
+    d = prediction_diversity(x, t)
+    assert math.isfinite(d["kl"]) and math.isfinite(d["cosine"])
+    assert_close(d, oracle(x, t))
+
+
+def test_vote_with_huge_labels_does_not_overflow():
+    big = 3 * 2**61
+    labels = torch.tensor([[5], [5], [big]])
+    t = torch.tensor([big])
+    d = prediction_diversity(labels, t)
+    assert d["ensemble_accuracy"] == 0.0  # two votes for 5 beat one for the target
+
+
+def test_state_follows_the_first_batch_device(gen):
+    x, t = make_logits(3, 10, 4, gen)
+    metric = PredictionDiversity(num_members=3)  # created before any batch: on the CPU
+    metric.update(x, t)
+    assert metric.state["counts"].device == x.device
+    metric.reset()
+    assert metric.state["counts"].device == x.device

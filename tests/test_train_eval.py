@@ -250,7 +250,7 @@ def test_evaluate_nan_logits_name_the_member(members):
     with torch.no_grad():
         next(broken.model.parameters()).fill_(float("nan"))
     ds = TensorDataset(torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
-    with pytest.raises(ValueError, match=r"--members: .*NaN logits") as info:
+    with pytest.raises(ValueError, match=r"--members: .*NaN or infinite logits") as info:
         evaluate([members[0], broken], ds, "clean", progress=False,
                  member_names=["good", "broken"])
     assert "'broken'" in str(info.value) and "'good'" not in str(info.value)

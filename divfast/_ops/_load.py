@@ -7,6 +7,7 @@ it so a broken build can never pass as a slow fallback.
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 
@@ -14,7 +15,7 @@ import torch
 
 _STATE: dict = {"loaded": None, "error": None, "warned": False}
 
-OPS = ("pair_counts",)
+OPS = ("pair_counts",)  # op families: divfast/_ops/<family>.py, csrc/{cpu,cuda}/<family>.*
 
 
 def load_extension() -> bool:
@@ -32,8 +33,9 @@ def load_extension() -> bool:
                     "DIVFAST_REQUIRE_EXTENSION=1 but divfast._C could not be imported: "
                     f"{_STATE['error']}"
                 ) from exc
-        if _STATE["loaded"]:
-            from divfast._ops import _fake  # noqa: F401  (fake kernels need the schemas)
+        if _STATE["loaded"]:  # fake kernels need the schemas: register them once, now
+            for family in OPS:
+                importlib.import_module(f"divfast._ops.{family}").register_fake_kernel()
     return bool(_STATE["loaded"])
 
 

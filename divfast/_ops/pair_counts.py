@@ -8,6 +8,22 @@ from divfast._ops import reference
 from divfast._ops._load import use_kernel
 
 
+def _pair_counts_fake(predictions, target, num_classes=-1):
+    torch._check(predictions.dim() in (2, 3), lambda: "predictions must be (M, B, C) or (M, B)")
+    m, b = predictions.shape[0], predictions.shape[1]
+    return (
+        predictions.new_empty((m, m, 2, 2), dtype=torch.long),
+        predictions.new_empty((m, m), dtype=torch.long),
+        predictions.new_empty((m + 1,), dtype=torch.long),
+        predictions.new_empty((m, b), dtype=torch.bool),
+    )
+
+
+def register_fake_kernel() -> None:
+    """Shape function for torch.compile / meta tensors; called once by _load after divfast._C."""
+    torch.library.register_fake("divfast::pair_counts")(_pair_counts_fake)
+
+
 def pair_counts(
     predictions: torch.Tensor, target: torch.Tensor, num_classes: int = -1
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -41,11 +41,11 @@ def check_pair_counts_args(predictions: torch.Tensor, target: torch.Tensor, num_
             raise ValueError(
                 f"pair_counts: `num_classes` must be -1 (unchecked) or >= 1, got {num_classes}"
             )
-    if target.dim() != 1 or target.dtype != torch.int64:
-        raise ValueError(
-            f"pair_counts: `target` must be a 1-D int64 tensor (B,), got {target.dtype} of shape "
-            f"{list(target.shape)}"
-        )
+    if target.dim() != 1:
+        raise ValueError(f"pair_counts: `target` must be a 1-D tensor (B,), got shape "
+                         f"{list(target.shape)}")
+    if target.dtype != torch.int64:
+        raise TypeError(f"pair_counts: `target` must be int64, got {target.dtype}")
     if target.shape[0] != predictions.shape[1]:
         raise ValueError(
             f"pair_counts: `target` has {target.shape[0]} samples but `predictions` has "

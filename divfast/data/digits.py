@@ -46,7 +46,13 @@ def digits_uint8(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return x[mask], y[mask]
 
 
-def digits_dataset(split: str) -> TensorDataset:
-    """A TensorDataset of float images in [0, 1] ``(3, 32, 32)`` and int64 labels."""
+class DigitsDataset(TensorDataset):
+    """Float images in [0, 1] ``(3, 32, 32)`` and int64 labels; ``classes`` names the digits."""
+
+    classes = [str(d) for d in range(NUM_CLASSES)]
+
+
+def digits_dataset(split: str) -> DigitsDataset:
+    """The ``"train"`` or ``"test"`` split of the embedded digits."""
     x, y = digits_uint8(split)
-    return TensorDataset(x.float() / 255.0, y)
+    return DigitsDataset(x.float() / 255.0, y)

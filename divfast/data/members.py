@@ -41,12 +41,32 @@ class MemberInfo:
     model_kwargs: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
     name: str = ""
+    class_names: list[str] | None = None  # the dataset's classes in label order, when known
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "format_version": FORMAT_VERSION,
                 "architecture": self.architecture, "model_kwargs": self.model_kwargs,
                 "num_classes": self.num_classes, "input_size": list(self.input_size),
-                "mean": list(self.mean), "std": list(self.std), "provenance": self.provenance}
+                "mean": list(self.mean), "std": list(self.std), "class_names": self.class_names,
+                "provenance": self.provenance}
+
+    def validate(self) -> None:
+        """Raises ValueError when the fields cannot describe a working image classifier."""
+        if not isinstance(self.architecture, str) or not self.architecture:
+            raise ValueError("architecture must be a non-empty string")
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        size = self.input_size
+        if len(size) != 3 or any(int(v) != v or v < 1 for v in size):
+            raise ValueError(f"input_size must be 3 positive integers (C, H, W), got {list(size)}")
+        for key, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) != size[0]:
+                raise ValueError(f"{key} needs {size[0]} values (one per channel), got {len(values)}")
+        if any(not v > 0 for v in self.std):
+            raise ValueError(f"std values must be > 0, got {list(self.std)}")
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise ValueError(f"class_names has {len(self.class_names)} names for "
+                             f"{self.num_classes} classes")
 
 
 class Member(nn.Module):
@@ -79,7 +99,8 @@ class Member(nn.Module):
 
 def create_member(architecture: str, num_classes: int, input_size=(3, 32, 32),
                   mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), model_kwargs: dict | None = None,
-                  provenance: dict | None = None, name: str = "") -> Member:
+                  provenance: dict | None = None, name: str = "",
+                  class_names: list[str] | None = None) -> Member:
     """A freshly initialised timm model wrapped as a Member (no weights are downloaded)."""
     import timm
 
@@ -87,7 +108,9 @@ def create_member(architecture: str, num_classes: int, input_size=(3, 32, 32),
     check_architectures([architecture])
     model = timm.create_model(architecture, pretrained=False, num_classes=num_classes, **kwargs)
     info = MemberInfo(architecture, int(num_classes), tuple(input_size), tuple(mean), tuple(std),
-                      kwargs, dict(provenance or {}), name)
+                      kwargs, dict(provenance or {}), name,
+                      list(class_names) if class_names is not None else None)
+    info.validate()
     return Member(model, info)
 
 
@@ -136,10 +159,14 @@ def read_member_info(path: str) -> MemberInfo:
             raise ValueError(f"format is {doc.get('format')!r}")
         if int(doc.get("format_version", 0)) > FORMAT_VERSION:
             raise ValueError(f"format_version {doc['format_version']} is newer than this divfast")
-        return MemberInfo(doc["architecture"], int(doc["num_classes"]), tuple(doc["input_size"]),
-                          tuple(doc["mean"]), tuple(doc["std"]), dict(doc.get("model_kwargs", {})),
-                          dict(doc.get("provenance", {})),
-                          os.path.splitext(os.path.basename(path))[0])
+        names = doc.get("class_names")
+        info = MemberInfo(doc["architecture"], int(doc["num_classes"]), tuple(doc["input_size"]),
+                          tuple(float(v) for v in doc["mean"]), tuple(float(v) for v in doc["std"]),
+                          dict(doc.get("model_kwargs", {})), dict(doc.get("provenance", {})),
+                          os.path.splitext(os.path.basename(path))[0],
+                          [str(c) for c in names] if names is not None else None)
+        info.validate()
+        return info
     except (ValueError, KeyError, TypeError) as exc:
         raise DivfastError(f"--members: {path!r} has malformed divfast metadata ({exc})") from exc
 
@@ -188,8 +215,13 @@ def load_member(spec: str, device: torch.device | str = "cpu") -> Member:
         except DivfastError as exc:
             raise DivfastError(f"--members: {spec!r} names an architecture this timm lacks: "
                                f"{info.architecture!r}") from exc
-        member = create_member(info.architecture, info.num_classes, info.input_size, info.mean,
-                               info.std, info.model_kwargs, info.provenance, info.name)
+        try:
+            member = create_member(info.architecture, info.num_classes, info.input_size, info.mean,
+                                   info.std, info.model_kwargs, info.provenance, info.name,
+                                   info.class_names)
+        except (TypeError, ValueError, RuntimeError) as exc:  # model_kwargs timm rejects
+            raise DivfastError(f"--members: {spec!r} describes a model timm cannot build "
+                               f"({' '.join(str(exc).split())[:200]})") from exc
         try:
             state = load_file(spec)
             member.model.load_state_dict(state, strict=True)

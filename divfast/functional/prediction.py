@@ -8,17 +8,20 @@ Conventions (the tests enforce each):
       argmax of the members' mean logits (the paper's averaging) for logits, or the plurality vote of
       the labels (ties to the smallest label) for labels.
     * Pairwise measures are M x M matrices over ordered pairs; the ensemble value is their mean over
-      the unordered pairs i < k. A pair whose value is undefined (a zero denominator, such as Q when
+      the ordered pairs i != k (for the symmetric ones, the mean over the unordered pairs). A pair whose value is undefined (a zero denominator, such as Q when
       N11*N00 + N01*N10 = 0) is NaN and left out of the mean; the mean of no defined pair is NaN.
     * Non-pairwise measures follow Kuncheva & Whitaker (2003) with L = M members; those dividing by
       L - 1 or L - ceil(L/2) (entropy, kappa, generalized diversity, coincident failure) are NaN for a
       single member, and every measure is NaN on zero samples.
     * ``kl`` is the mean over samples and ordered pairs i != k of KL(p_i || p_k) in nats, ``cosine`` the
-      mean cosine *similarity* of the members' softmax vectors; both need logits and are NaN for labels.
+      mean cosine *similarity* of the members' softmax vectors; both need logits (NaN for labels),
+      and +inf logits or an all -inf row, where softmax is undefined, are an error.
     * Shannon equitability (paper Eq. 5) is computed per sample over the M members' predicted labels:
       each distinct predicted label is a species, p_s the share of members predicting it,
       E = -sum_s p_s ln p_s / ln S with S = min(M, C), the largest number of species M members can
-      produce over C classes (C is the logits' width, ``num_classes``, or M when neither is known).
+      produce over C classes (C is the logits' width, ``num_classes``, or M when neither is known;
+      for C >= M, the usual case, S = M either way). The state sums the entropies in nats, so it
+      stays additive; the division by ln S happens in :func:`prediction_measures`.
       E is 0 when all members agree and 1 when all differ; the log base cancels. It is averaged over
       the samples the ensemble classifies correctly (``equitability_correct``) and incorrectly
       (``equitability_incorrect``), each NaN when it has no samples; NaN for S = 1.
@@ -48,11 +51,24 @@ def _check_inputs(predictions: torch.Tensor, target: torch.Tensor) -> None:
         )
     if not isinstance(target, torch.Tensor) or target.dim() != 1:
         raise ValueError(f"`target` must be a 1-D tensor of N labels, got {getattr(target, 'shape', target)}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"`target` must hold integer class labels, got {target.dtype}")
     if target.shape[0] != predictions.shape[1]:
         raise ValueError(
             f"`target` has {target.shape[0]} samples but `predictions` has N = {predictions.shape[1]} "
             f"(shape {list(predictions.shape)})"
         )
+
+
+def _check_softmax_defined(logits: torch.Tensor) -> None:
+    """KL and cosine need softmax: +inf logits or all -inf rows make it NaN (NaN is the op's error)."""
+    if not logits.numel():
+        return
+    bad = torch.isposinf(logits).flatten(1).any(dim=1)  # (M,)
+    bad |= torch.isneginf(logits).all(dim=-1).any(dim=1)
+    if bool(bad.any()):
+        raise ValueError(f"`predictions`: member {int(bad.nonzero()[0])} has +inf logits or a row of "
+                         "all -inf, where softmax (for kl and cosine) is undefined")
 
 
 def _ensemble_labels(labels: torch.Tensor, logits: torch.Tensor | None,
@@ -62,10 +78,33 @@ def _ensemble_labels(labels: torch.Tensor, logits: torch.Tensor | None,
         wide = torch.promote_types(logits.dtype, torch.float32)
         return logits.to(wide).mean(dim=0).argmax(dim=-1)
     votes = same.sum(dim=1)  # (M, B): members sharing member m's label
-    top = labels.max() + 1 if labels.numel() else 1
-    key = votes * top - labels  # most votes first, then the smallest label
+    uniq, rank = torch.unique(labels, return_inverse=True)  # rank: label order, small ints
+    key = votes * (len(uniq) + 1) - rank  # most votes first, then the smallest label; no overflow
     winner = key.argmax(dim=0)  # (B,)
     return labels.gather(0, winner[None]).squeeze(0)
+
+
+def _probability_sums(logits: torch.Tensor, chunk_bytes: int = 1 << 28
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums over samples of KL(p_i || p_k) and cos(p_i, p_k), each (M, M) float64.
+
+    Float64 throughout, in chunks of samples so memory stays bounded (``chunk_bytes`` per float64
+    copy) whatever N is: sum_b KL_b(i, k) = sum_b,c p_i log p_i - sum_b,c p_i log p_k, two GEMMs.
+    """
+    m, b, c = logits.shape
+    kl = logits.new_zeros((m, m), dtype=torch.float64)
+    cosine = logits.new_zeros((m, m), dtype=torch.float64)
+    step = max(1, chunk_bytes // (8 * m * c))
+    for start in range(0, b, step):
+        logp = torch.log_softmax(logits[:, start:start + step].to(torch.float64), dim=-1)
+        p = logp.exp()
+        logp = logp.clamp_min(torch.finfo(torch.float64).min)  # 0 * -inf would be NaN
+        flat_p = p.reshape(m, -1)
+        cross = flat_p @ logp.reshape(m, -1).T  # (M, M): sum_b,c p_i log p_k
+        kl += cross.diagonal()[:, None] - cross
+        unit = torch.nn.functional.normalize(p, dim=-1).reshape(m, -1)
+        cosine += unit @ unit.T
+    return kl, cosine
 
 
 def prediction_stats(predictions: torch.Tensor, target: torch.Tensor,
@@ -74,7 +113,7 @@ def prediction_stats(predictions: torch.Tensor, target: torch.Tensor,
 
     Args:
         predictions: member logits ``(M, B, C)`` or predicted labels ``(M, B)`` int64.
-        target: true labels ``(B,)``.
+        target: true labels ``(B,)``, an integer dtype.
         num_classes: class count (checked against labels; defaults to C for logits).
 
     Returns:
@@ -91,28 +130,18 @@ def prediction_stats(predictions: torch.Tensor, target: torch.Tensor,
         )
     counts, agreement, histogram, _ = pair_counts(predictions, target, n_classes)
     dev = predictions.device
-    f64 = dict(dtype=torch.float64, device=dev)
     labels = predictions.argmax(dim=-1) if is_logits else predictions
     same = labels[:, None, :] == labels[None, :, :]  # (M, M, B)
-    ens = _ensemble_labels(labels, predictions if is_logits else None, same)
-    ens_correct = ens == target  # (B,)
+    ens_correct = _ensemble_labels(labels, predictions if is_logits else None, same) == target
 
-    species = min(m, n_classes if n_classes > 0 else m)
     votes = same.sum(dim=1).to(torch.float64)  # (M, B)
     entropy = -(torch.log(votes / m)).sum(dim=0) / m  # (B,) Shannon entropy in nats
-    equit = entropy / math.log(species) if species > 1 else torch.full_like(entropy, math.nan)
 
-    kl = torch.zeros((m, m), **f64)
-    cosine = torch.zeros((m, m), **f64)
     if is_logits and b:
-        logp = torch.log_softmax(predictions.to(torch.float64), dim=-1)  # (M, B, C)
-        p = logp.exp()
-        logp = logp.clamp_min(torch.finfo(torch.float64).min)  # 0 * -inf would be NaN
-        flat_p, flat_logp = p.reshape(m, -1), logp.reshape(m, -1)
-        cross = flat_p @ flat_logp.T  # (M, M): sum_b sum_c p_i log p_k
-        kl = cross.diagonal()[:, None] - cross
-        unit = torch.nn.functional.normalize(p, dim=-1).reshape(m, -1)
-        cosine = unit @ unit.T
+        _check_softmax_defined(predictions)
+        kl, cosine = _probability_sums(predictions)
+    else:
+        kl = cosine = torch.zeros((m, m), dtype=torch.float64, device=dev)
     return {
         "counts": counts,
         "agreement": agreement,
@@ -121,9 +150,8 @@ def prediction_stats(predictions: torch.Tensor, target: torch.Tensor,
         "kl_sum": kl,
         "cosine_sum": cosine,
         "prob_samples": torch.tensor(b if is_logits else 0, dtype=torch.long, device=dev),
-        "equitability_correct_sum": equit[ens_correct].sum(dtype=torch.float64),
-        "equitability_incorrect_sum": equit[~ens_correct].sum(dtype=torch.float64),
-        "species": torch.tensor(species, dtype=torch.long, device=dev),
+        "entropy_correct_sum": entropy[ens_correct].sum(dtype=torch.float64),
+        "entropy_incorrect_sum": entropy[~ens_correct].sum(dtype=torch.float64),
     }
 
 
@@ -135,21 +163,16 @@ def empty_prediction_stats(num_members: int, device=None) -> dict[str, torch.Ten
         "counts": z(m, m, 2, 2), "agreement": z(m, m), "histogram": z(m + 1),
         "ensemble_correct": z(), "kl_sum": z(m, m, dt=torch.float64),
         "cosine_sum": z(m, m, dt=torch.float64), "prob_samples": z(),
-        "equitability_correct_sum": z(dt=torch.float64),
-        "equitability_incorrect_sum": z(dt=torch.float64), "species": z(),
+        "entropy_correct_sum": z(dt=torch.float64),
+        "entropy_incorrect_sum": z(dt=torch.float64),
     }
 
 
 def merge_prediction_stats(a: dict, b: dict) -> dict:
-    """``a + b``, except ``species`` (a constant of the ensemble), which must agree where both are set."""
-    if int(a["species"]) and int(b["species"]) and int(a["species"]) != int(b["species"]):
-        raise ValueError(
-            f"cannot merge statistics with {int(a['species'])} and {int(b['species'])} species "
-            "(different member or class counts)"
-        )
-    out = {k: a[k] + b[k] for k in a if k != "species"}
-    out["species"] = torch.maximum(a["species"], b["species"])
-    return out
+    """``a + b``: every state is a sum with identity zero."""
+    if a.keys() != b.keys():
+        raise ValueError("cannot merge prediction statistics with different keys")
+    return {k: a[k] + b[k].to(a[k].device) for k in a}
 
 
 def _nanmean_offdiag(mat: torch.Tensor) -> float:
@@ -167,8 +190,17 @@ def _div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(den == 0, torch.full_like(out, math.nan), out)
 
 
-def prediction_measures(stats: dict[str, torch.Tensor]) -> dict:
-    """Finalises :func:`prediction_stats` into every measure (see the module docstring)."""
+def species_count(num_members: int, num_classes: int | None) -> int:
+    """S of Eq. 5: the most species M members can produce over C classes, min(M, C) (M if C is
+    unknown)."""
+    return min(num_members, num_classes) if num_classes and num_classes > 0 else num_members
+
+
+def prediction_measures(stats: dict[str, torch.Tensor], num_classes: int | None = None) -> dict:
+    """Finalises :func:`prediction_stats` into every measure (see the module docstring).
+
+    ``num_classes`` (C) only bounds equitability's species count S = min(M, C).
+    """
     counts = stats["counts"].to(torch.float64).cpu()  # (M, M, 2, 2)
     m = counts.shape[0]
     n11, n10 = counts[..., 0, 0], counts[..., 0, 1]
@@ -200,13 +232,14 @@ def prediction_measures(stats: dict[str, torch.Tensor]) -> dict:
     n_ens = float(stats["ensemble_correct"])
     out["member_accuracy"] = [float(x) for x in (n11.diagonal() / n)] if n else [math.nan] * m
     out["ensemble_accuracy"] = n_ens / n if n else math.nan
-    species = int(stats["species"])
-    bad = species <= 1
+    species = species_count(m, num_classes)
+    log_s = math.log(species) if species > 1 else 0.0
     out["equitability_correct"] = (
-        math.nan if bad or n_ens == 0 else float(stats["equitability_correct_sum"]) / n_ens)
+        math.nan if not log_s or n_ens == 0
+        else float(stats["entropy_correct_sum"]) / n_ens / log_s)
     out["equitability_incorrect"] = (
-        math.nan if bad or n - n_ens == 0
-        else float(stats["equitability_incorrect_sum"]) / (n - n_ens))
+        math.nan if not log_s or n - n_ens == 0
+        else float(stats["entropy_incorrect_sum"]) / (n - n_ens) / log_s)
     out["pairwise"] = pair
     return out
 
@@ -264,4 +297,6 @@ def prediction_diversity(predictions: torch.Tensor, target: torch.Tensor,
         >>> 0.0 <= d["disagreement"] <= 1.0
         True
     """
-    return prediction_measures(prediction_stats(predictions, target, num_classes))
+    stats = prediction_stats(predictions, target, num_classes)
+    width = predictions.shape[2] if predictions.dim() == 3 else num_classes
+    return prediction_measures(stats, width)

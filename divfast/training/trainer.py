@@ -119,7 +119,8 @@ def train_ensemble(cfg: TrainConfig, out_dir: str, device: str | torch.device = 
     for i, arch in enumerate(cfg.architectures):
         torch.manual_seed(cfg.seed * 1000 + i)  # distinct, reproducible initialisations
         members.append(create_member(arch, num_classes, input_size, mean, std,
-                                     name=f"m{i}-{arch}").to(device))
+                                     name=f"m{i}-{arch}",
+                                     class_names=getattr(train_set, "classes", None)).to(device))
     params = [p for m in members for p in m.parameters()]
     opt = timm.optim.AdaBelief(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.decay_every, gamma=cfg.decay_factor)
