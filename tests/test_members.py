@@ -277,8 +277,15 @@ _DROP = object()
     {"num_classes": "ten"},
     {"input_size": 32},
     {"mean": None},
+    {"mean": [0.5, 0.5]},
+    {"std": [0.2, 0.0, 0.2]},
+    {"input_size": [3, 0, 32]},
+    {"input_size": [3, 32]},
+    {"num_classes": 0},
+    {"class_names": ["a", "b"]},
 ], ids=["format", "newer-version", "no-num-classes", "no-architecture", "num-classes-str",
-        "input-size-int", "mean-null"])
+        "input-size-int", "mean-null", "mean-2-channels", "std-zero", "input-size-zero",
+        "input-size-2d", "num-classes-0", "class-names-count"])
 def test_malformed_metadata_fields(tmp_path, state, member, changes):
     path = _write(tmp_path / "bad.safetensors", state, _doc(member, **changes))
     with pytest.raises(DivfastError) as info:
@@ -405,3 +412,48 @@ def test_timm_unknown_name(offline_hub, spec):
     with pytest.raises(DivfastError) as info:
         load_member(spec)
     assert "--members" in str(info.value) and "unknown timm model" in str(info.value)
+
+
+def _cache_timm_weights(cache: str, arch: str, seed: int):
+    """Lays out the Hugging Face cache the way a past download would have: refs/main -> snapshot."""
+    import timm
+
+    repo = timm.create_model(arch, pretrained=False).pretrained_cfg["hf_hub_id"]
+    torch.manual_seed(seed)
+    model = timm.create_model(arch, pretrained=False)
+    base = os.path.join(cache, "models--" + repo.replace("/", "--"))
+    rev = "0" * 40
+    os.makedirs(os.path.join(base, "refs"))
+    with open(os.path.join(base, "refs", "main"), "w") as f:
+        f.write(rev)
+    os.makedirs(os.path.join(base, "snapshots", rev))
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              os.path.join(base, "snapshots", rev, "model.safetensors"))
+    return model
+
+
+def test_timm_pretrained_from_the_local_cache(offline_hub, tmp_path):
+    """timm:NAME uses cached pretrained weights without any network, with timm's input config."""
+    ref = _cache_timm_weights(str(tmp_path / "hf" / "hub"), "resnet10t", seed=5)
+    member = load_member("timm:resnet10t")
+    for (k, a), b in zip(member.model.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert member.info.num_classes == 1000 and member.info.input_size == (3, 176, 176)
+    assert member.info.provenance["source"].startswith("timm pretrained")
+
+
+def test_timm_unreachable_hub_fails_fast(monkeypatch, tmp_path):
+    """Without HF_HUB_OFFLINE and without a cache, an unreachable hub is reported at once rather
+    than after huggingface_hub's retries (the probe is what decides)."""
+    import huggingface_hub.constants as hub
+
+    import divfast.data.members as members_module
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(members_module, "_hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(DivfastError, match="unreachable"):
+        load_member("timm:resnet10t")

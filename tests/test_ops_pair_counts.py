@@ -170,6 +170,13 @@ def tie_cases(gen):
     x[:, :, 12] = 0.0  # -0.0 == 0.0: index 3 wins
     x[1, :, 0] = 0.0
     cases.append(("signed_zero", x))
+    # Denormals: a flush-to-zero build (e.g. CUDA --use_fast_math) would see ties that are not there.
+    tiny = torch.finfo(torch.float32).smallest_normal
+    x = torch.zeros(2, 70, 9, dtype=torch.float64)
+    x[:, :, 2] = tiny / 4  # float32 denormal
+    x[:, :, 5] = tiny / 2  # the larger denormal: index 5 must win
+    x[1, :, 7] = -tiny / 2
+    cases.append(("denormals", x))
     return cases
 
 

@@ -365,3 +365,61 @@ def test_independent_loss_is_sum_of_member_cross_entropies():
         (own,) = torch.autograd.grad(per_member[i], logits, retain_graph=True)
         assert torch.allclose(grad[i], own[i])
         assert float(own[torch.arange(3) != i].abs().max()) == 0.0
+
+
+# --- members must predict the dataset's classes ----------------------------------------------
+
+
+def test_trained_members_record_the_class_names(members):
+    assert all(m.info.class_names == [str(d) for d in range(10)] for m in members)
+
+
+def test_member_with_another_class_count_is_refused(members, test_data):
+    from divfast.data.members import create_member
+
+    twelve = create_member("resnet10t", 12, name="twelve").eval()
+    with pytest.raises(DivfastError, match=r"--members: 'twelve' predicts 12 classes .* has 10"):
+        evaluate([twelve], test_data, "clean", progress=False)
+
+
+def test_member_trained_on_other_class_names_is_refused(members, test_data):
+    import copy
+
+    renamed = copy.deepcopy(members[0])
+    renamed.info.class_names = [f"c{d}" for d in range(10)]
+    with pytest.raises(DivfastError, match="--members: .* was trained on classes"):
+        evaluate([renamed], test_data, "clean", progress=False)
+
+
+def test_top1_follows_argmax_ties_like_the_diversity_counts():
+    """Tied logits: top-1 must use torch.argmax's first-max rule (topk may pick another index), so
+    the member and ensemble accuracy agree with the diversity counts in the same report."""
+    from divfast.data.members import Member, MemberInfo
+
+    class Tied(torch.nn.Module):
+        def forward(self, x):  # classes 3 and 7 tie on every sample
+            out = torch.zeros(x.shape[0], 10)
+            out[:, 3] = out[:, 7] = 1.0
+            return out
+
+    info = MemberInfo("tied", 10, (3, 32, 32), (0.0,) * 3, (1.0,) * 3)
+    ds = TensorDataset(torch.rand(4, 3, 32, 32), torch.tensor([3, 3, 3, 7]))
+    report = evaluate([Member(Tied(), info), Member(Tied(), info)], ds, "clean", progress=False)
+    assert [row["top1"] for row in report["members"]] == [0.75, 0.75]
+    assert report["ensemble"]["top1"] == 0.75 == report["diversity"]["ensemble_accuracy"]
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_non_finite_logits_name_the_member(members, value):
+    from divfast.data.members import Member, MemberInfo
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            out = torch.zeros(x.shape[0], 10)
+            out[0, 1] = value
+            return out
+
+    info = MemberInfo("broken", 10, (3, 32, 32), (0.0,) * 3, (1.0,) * 3, name="bad")
+    ds = TensorDataset(torch.rand(2, 3, 32, 32), torch.tensor([0, 1]))
+    with pytest.raises(DivfastError, match="--members: 'bad' produced NaN or infinite"):
+        evaluate([members[0], Member(Broken(), info)], ds, "clean", progress=False)

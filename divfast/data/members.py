@@ -181,19 +181,61 @@ def _check_file(path: str) -> None:
         raise DivfastError(f"--members: {path!r} is not readable")
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face endpoint answers a TCP connect within ``timeout`` seconds.
+
+    huggingface_hub retries an unreachable hub for most of a minute; one quick probe lets an offline
+    machine fail at once.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _create_pretrained(arch: str, offline: bool):
+    import timm
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = offline or saved
+    try:
+        return timm.create_model(arch, pretrained=True)
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
 def _load_timm(name: str) -> Member:
+    """``timm:NAME``: pretrained weights from the local cache first; the hub only if it answers."""
     import timm
 
     arch = name[len("timm:"):]
     if not arch or arch not in timm.list_models(pretrained=True) and arch not in timm.list_models():
         raise DivfastError(f"--members: unknown timm model {arch!r} in {name!r}")
     try:
-        model = timm.create_model(arch, pretrained=True)
-    except Exception as exc:  # hub errors vary: offline, missing cache, no pretrained tag
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DivfastError(
-            f"--members: pretrained weights for {name!r} are not available offline ({first}); "
-            "pass a checkpoint file instead, or pre-populate the timm/Hugging Face cache") from exc
+        model = _create_pretrained(arch, offline=True)
+    except Exception as cached_exc:  # not in the cache (hub errors vary by version)
+        if not _hub_reachable():
+            raise DivfastError(
+                f"--members: pretrained weights for {name!r} are not in the local cache and the "
+                "model hub is unreachable (offline?); pass a checkpoint file instead, or "
+                "pre-populate the timm/Hugging Face cache") from cached_exc
+        try:
+            model = _create_pretrained(arch, offline=False)
+        except Exception as exc:  # noqa: BLE001  (no pretrained tag, download refused, ...)
+            first = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise DivfastError(
+                f"--members: pretrained weights for {name!r} are not available ({first}); "
+                "pass a checkpoint file instead") from exc
     cfg = model.pretrained_cfg
     info = MemberInfo(arch, int(model.num_classes), tuple(cfg.get("input_size", (3, 224, 224))),
                       tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
