@@ -46,7 +46,10 @@ def pair_counts(
 
     Raises:
         ValueError: on shapes that disagree, NaN logits or labels outside the valid range.
-        TypeError: on unsupported dtypes.
+        TypeError: on unsupported dtypes (logits not floating, labels or target not int64).
+
+    On CUDA the input errors are detected on the device; reading that flag is the op's one host
+    synchronisation (so the op cannot be captured in a CUDA graph).
 
     Example:
         >>> logits = torch.randn(3, 8, 10); target = torch.randint(0, 10, (8,))
