@@ -145,10 +145,9 @@ def eval_cmd(members, dataset, data, batch_size, device, as_json, out, workers, 
 def train(members, arch, num_members, loss, epochs, batch_size, lr, seed, out, overwrite, data,
           val_data, image_size, workers, device, progress):
     """Train an ensemble (default: on the embedded digits) and write member checkpoints."""
-    from divfast.training import TrainConfig, list_losses, train_ensemble
+    from divfast.data import build_train_datasets
+    from divfast.training import TrainConfig, train_ensemble
 
-    if loss not in list_losses():
-        raise DivfastError(f"--loss: unknown loss {loss!r}; expected one of: {', '.join(list_losses())}")
     if members and arch:
         raise DivfastError("--members and --arch are exclusive: give a list, or one architecture")
     if arch:
@@ -157,26 +156,14 @@ def train(members, arch, num_members, loss, epochs, batch_size, lr, seed, out, o
         archs = [arch] * num_members
     else:
         archs = _split(members or DEFAULT_DEMO_MEMBERS)
-    extra = {}
-    if val_data and not data:
-        raise DivfastError("--val-data needs --data (the embedded digits have their own test split)")
-    if data:
-        from divfast.data import build_dataset
-
-        if image_size < 8:
-            raise DivfastError(f"--image-size: expected >= 8, got {image_size}")
-        train_set = build_dataset("clean", data=data, image_size=image_size)
-        val_set = build_dataset("clean", data=val_data or data, image_size=image_size)
-        if val_data and val_set.classes != train_set.classes:
-            raise DivfastError("--val-data: its class folders differ from those of --data")
-        extra = {"train_set": train_set, "test_set": val_set,
-                 "num_classes": len(train_set.classes)}
     if workers < 0:
         raise DivfastError(f"--workers: expected >= 0, got {workers}")
+    train_set, val_set = build_train_datasets(data, val_data, image_size)
     cfg = TrainConfig(architectures=archs, loss=loss, epochs=epochs, batch_size=batch_size, lr=lr,
                       seed=seed, dataset=os.path.abspath(data) if data else "digits")
     paths = train_ensemble(cfg, out, device=_device(device), overwrite=overwrite, progress=progress,
-                           num_workers=workers, **extra)
+                           train_set=train_set, test_set=val_set,
+                           num_classes=len(train_set.classes), num_workers=workers)
     for p in paths:
         click.echo(p)
 

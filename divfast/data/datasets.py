@@ -25,6 +25,24 @@ def parse_dataset_spec(spec: str) -> tuple[str, float]:
                        f"{', '.join(KNOWN_SPECS)}")
 
 
+def build_train_datasets(data: str | None = None, val_data: str | None = None,
+                         image_size: int = 224) -> tuple[Dataset, Dataset]:
+    """(train, validation) sets: the embedded digits' splits, or ImageFolders at ``data`` and
+    ``val_data`` (default: ``data`` itself), which must share their class folders."""
+    if data is None:
+        if val_data is not None:
+            raise DivfastError("--val-data needs --data (the embedded digits have their own test "
+                               "split)")
+        return digits_dataset("train"), digits_dataset("test")
+    if image_size < 8:
+        raise DivfastError(f"--image-size: expected >= 8, got {image_size}")
+    train_set = build_dataset("clean", data=data, image_size=image_size)
+    val_set = build_dataset("clean", data=val_data or data, image_size=image_size)
+    if val_set.classes != train_set.classes:
+        raise DivfastError("--val-data: its class folders differ from those of --data")
+    return train_set, val_set
+
+
 def build_dataset(spec: str = "clean", data: str | None = None, split: str = "test",
                   image_size: int | None = None) -> Dataset:
     """The dataset named by ``spec`` over the embedded digits, or over an ImageFolder at ``data``.
