@@ -12,7 +12,10 @@ python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 time MAX_JOBS=16 python -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 \
   || { echo "BUILD FAILED"; tail -50 "$OUT/build.log"; exit 1; }
-python -m divfast.cli info --json | tee "$OUT/info.json"
+# click may be absent there: print the facts without the CLI.
+python -c "import json; from divfast.info import collect_info; print(json.dumps(collect_info(), indent=2))" \
+  | tee "$OUT/info.json"
+python -c "import pytest" 2>/dev/null || echo "pytest is missing on this machine: carry its wheel"
 DIVFAST_REQUIRE_EXTENSION=1 DIVFAST_REQUIRE_CUDA=1 timeout 300 python -m pytest -q \
   tests/test_ops_pair_counts.py tests/test_ops_registry.py -k cuda 2>&1 | tail -30 | tee "$OUT/pytest_cuda.txt"
 timeout 180 python benchmarks/bench_pair_counts.py --device cuda --json "$OUT/bench_pair_counts_cuda.json" \
