@@ -118,9 +118,8 @@ def check_architectures(architectures: list[str], option: str = "--members") -> 
     """Every name must be a timm architecture; the error names ``option`` and the bad name."""
     import timm
 
-    known = set(timm.list_models())
     for arch in architectures:
-        if arch not in known:
+        if not arch or not timm.is_model(arch):
             close = timm.list_models(f"*{arch[:4]}*")[:5] if arch else []
             hint = f"; similar: {', '.join(close)}" if close else ""
             raise DivfastError(f"{option}: unknown timm architecture {arch!r} (see "
@@ -219,7 +218,7 @@ def _load_timm(name: str) -> Member:
     import timm
 
     arch = name[len("timm:"):]
-    if not arch or arch not in timm.list_models(pretrained=True) and arch not in timm.list_models():
+    if not arch or not timm.is_model(arch):
         raise DivfastError(f"--members: unknown timm model {arch!r} in {name!r}")
     try:
         model = _create_pretrained(arch, offline=True)

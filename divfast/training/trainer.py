@@ -18,9 +18,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from divfast.data.digits import NUM_CLASSES, digits_dataset
-from divfast.data.members import Member, check_architectures, create_member, save_member
+from divfast.data.members import check_architectures, create_member, save_member
+from divfast.ensembles.evaluate import evaluate
 from divfast.errors import DivfastError
-from divfast.io import ensure_dir, write_json_atomic
+from divfast.io import ensure_dir, json_safe, write_json_atomic
 from divfast.training.losses import build_loss
 
 
@@ -74,19 +75,6 @@ def _prepare_out_dir(out_dir: str, cfg: TrainConfig, overwrite: bool) -> None:
     write_json_atomic(run_file, {"config": asdict(cfg), "status": "running"})
 
 
-@torch.no_grad()
-def _accuracy(members: list[Member], loader: DataLoader, device) -> tuple[list[float], float]:
-    correct = torch.zeros(len(members), dtype=torch.long)
-    ens_correct, n = 0, 0
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        logits = torch.stack([m(x) for m in members])  # (M, B, C)
-        correct += (logits.argmax(-1) == y).sum(dim=1).cpu()
-        ens_correct += int((logits.mean(0).argmax(-1) == y).sum())
-        n += len(y)
-    return (correct.double() / max(n, 1)).tolist(), ens_correct / max(n, 1)
-
-
 def train_ensemble(cfg: TrainConfig, out_dir: str, device: str | torch.device = "cpu",
                    overwrite: bool = False, progress: bool = True,
                    train_set: Dataset | None = None, test_set: Dataset | None = None,
@@ -127,7 +115,6 @@ def train_ensemble(cfg: TrainConfig, out_dir: str, device: str | torch.device = 
     gen = torch.Generator().manual_seed(cfg.seed)
     loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=gen,
                         drop_last=len(train_set) >= 2 * cfg.batch_size, num_workers=num_workers)
-    test_loader = DataLoader(test_set, batch_size=256, num_workers=num_workers)
     log_path = os.path.join(out_dir, "log.jsonl")
     open(log_path, "w").close()
 
@@ -153,10 +140,14 @@ def train_ensemble(cfg: TrainConfig, out_dir: str, device: str | torch.device = 
         sched.step()
         for m in members:
             m.eval()
-        member_acc, ens_acc = _accuracy(members, test_loader, device)
+        # The same numbers `divfast eval` reports: argmax top-1, mean-logit ensemble, diversity.
+        report = evaluate(members, test_set, "validation", batch_size=256, device=device,
+                          progress=False, num_workers=num_workers)
+        member_acc = [row["top1"] for row in report["members"]]
+        ens_acc = report["ensemble"]["top1"]
         record = {"epoch": epoch + 1, "loss": total / max(steps, 1), "member_accuracy": member_acc,
-                  "ensemble_accuracy": ens_acc, "lr": sched.get_last_lr()[0],
-                  "seconds": time.time() - t0}
+                  "ensemble_accuracy": ens_acc, "diversity": json_safe(report["diversity"]),
+                  "lr": sched.get_last_lr()[0], "seconds": time.time() - t0}
         with open(log_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if progress:
