@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from divfast.data.members import Member
 from divfast.errors import DivfastError
+from divfast.functional.prediction import undefined_softmax_members
 from divfast.metrics import PredictionDiversity
 
 SCHEMA = "divfast.eval/1"
@@ -45,12 +46,6 @@ def check_dataset_classes(members: list[Member], dataset: Dataset, dataset_spec:
 def _preview(names) -> str:
     names = list(names)
     return repr(names) if len(names) <= 6 else f"[{', '.join(map(repr, names[:5]))}, ...]"
-
-
-def _bad_logits(logits: torch.Tensor) -> torch.Tensor:
-    """(M,) bool: members with NaN or +inf logits, or a row of all -inf (a model fault)."""
-    bad = torch.isnan(logits).flatten(1).any(dim=1) | torch.isposinf(logits).flatten(1).any(dim=1)
-    return bad | torch.isneginf(logits).all(dim=-1).any(dim=1)
 
 
 @torch.no_grad()
@@ -89,7 +84,7 @@ def evaluate(members: list[Member], dataset: Dataset, dataset_spec: str = "clean
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
             raise DivfastError(f"--dataset: {dataset_spec!r} has labels outside the members' "
                                f"{num_classes} classes [0, {num_classes})")
-        bad = _bad_logits(logits)
+        bad = undefined_softmax_members(logits)  # a model fault: name the member
         if bool(bad.any()):
             raise DivfastError(f"--members: {names[int(bad.nonzero()[0])]!r} produced NaN or "
                                f"infinite logits on {dataset_spec!r} (samples {n}..{n + len(y) - 1}); "

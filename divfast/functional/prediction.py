@@ -60,15 +60,20 @@ def _check_inputs(predictions: torch.Tensor, target: torch.Tensor) -> None:
         )
 
 
+def undefined_softmax_members(logits: torch.Tensor) -> torch.Tensor:
+    """(M,) bool: members whose logits ``(M, B, C)`` hold NaN or +inf, or a row of all -inf; their
+    softmax is undefined. (-inf entries alone are masked classes and fine.)"""
+    flat = logits.flatten(1)
+    bad = torch.isnan(flat).any(dim=1) | torch.isposinf(flat).any(dim=1)
+    return bad | torch.isneginf(logits).all(dim=-1).any(dim=1)
+
+
 def _check_softmax_defined(logits: torch.Tensor) -> None:
-    """KL and cosine need softmax: +inf logits or all -inf rows make it NaN (NaN is the op's error)."""
-    if not logits.numel():
-        return
-    bad = torch.isposinf(logits).flatten(1).any(dim=1)  # (M,)
-    bad |= torch.isneginf(logits).all(dim=-1).any(dim=1)
+    """KL and cosine need softmax of every member's logits."""
+    bad = undefined_softmax_members(logits)
     if bool(bad.any()):
-        raise ValueError(f"`predictions`: member {int(bad.nonzero()[0])} has +inf logits or a row of "
-                         "all -inf, where softmax (for kl and cosine) is undefined")
+        raise ValueError(f"`predictions`: member {int(bad.nonzero()[0])} has NaN or +inf logits or "
+                         "a row of all -inf, where softmax (for kl and cosine) is undefined")
 
 
 def _ensemble_labels(labels: torch.Tensor, logits: torch.Tensor | None,
