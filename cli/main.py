@@ -17,6 +17,7 @@ import click
 from divfast.errors import DivfastError  # light: no torch
 
 DEFAULT_DEMO_MEMBERS = "resnet10t,convnext_atto,efficientvit_m0"
+DEMO_DATASETS = ("lines1.6", "plasma4.0", "checkerboard4.0", "waterdrop7.0")  # the paper's four
 
 
 def _user_errors(fn):
@@ -79,21 +80,28 @@ def info(as_json):
             click.echo(f"{key}: {value}")
 
 
-def _run_eval(members, dataset, data, batch_size, device, as_json, out, progress, workers=0):
+def _run_eval(members, dataset, data, batch_size, device, as_json, out, progress, workers=0, seed=0,
+              quiet=False):
+    from divfast.corruptions import format_dataset_spec, parse_dataset_spec
     from divfast.data import build_dataset, load_members
     from divfast.ensembles import evaluate
     from divfast.io import ensure_dir, json_safe, write_json_atomic
     from divfast.report import render_eval
 
+    spec = format_dataset_spec(*parse_dataset_spec(dataset))
     dev = _device(device)
-    loaded = load_members(members, dev)
-    ds = build_dataset(dataset, data=data, image_size=loaded[0].info.input_size[-1])
-    report = evaluate(loaded, ds, dataset, batch_size=batch_size, device=dev, progress=progress,
+    loaded = load_members(members, dev) if all(isinstance(m, str) for m in members) else members
+    ds = build_dataset(spec, data=data, image_size=loaded[0].info.input_size[-1], seed=seed)
+    report = evaluate(loaded, ds, spec, batch_size=batch_size, device=dev, progress=progress,
                       num_workers=workers)
-    report["member_files"] = members
+    report["member_files"] = [m if isinstance(m, str) else m.name for m in members]
+    if spec != "clean":
+        report["corruption_seed"] = seed
     if out:
         ensure_dir(out)
         write_json_atomic(os.path.join(out, "report.json"), report)
+    if quiet:
+        return report
     if as_json:
         click.echo(json.dumps(json_safe(report), indent=2, allow_nan=False))
     else:
@@ -105,9 +113,13 @@ def _run_eval(members, dataset, data, batch_size, device, as_json, out, progress
 
 @cli.command("eval")
 @click.option("--members", required=True, help="Comma-separated checkpoint files or timm:NAME.")
-@click.option("--dataset", default="clean", show_default=True, help="Dataset spec, e.g. clean.")
+@click.option("--dataset", default="clean", show_default=True,
+              help="clean, or <corruption><severity> such as lines1.6, plasma4.0, checkerboard4.0, "
+                   "waterdrop7.0 (see `divfast corrupt --list`).")
 @click.option("--data", type=click.Path(), default=None,
               help="ImageFolder root; default: the embedded digits test split.")
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Corruption seed: with each image's path or index it fixes the image's corruption.")
 @click.option("--batch-size", default=128, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -115,9 +127,10 @@ def _run_eval(members, dataset, data, batch_size, device, as_json, out, progress
 @click.option("--workers", default=0, show_default=True, type=int, help="Data-loader processes.")
 @click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
 @_user_errors
-def eval_cmd(members, dataset, data, batch_size, device, as_json, out, workers, progress):
+def eval_cmd(members, dataset, data, seed, batch_size, device, as_json, out, workers, progress):
     """Evaluate an ensemble: member and ensemble accuracy, gain, prediction diversity."""
-    _run_eval(_split(members), dataset, data, batch_size, device, as_json, out, progress, workers)
+    _run_eval(_split(members), dataset, data, batch_size, device, as_json, out, progress, workers,
+              seed=seed)
 
 
 @cli.command()
@@ -174,14 +187,93 @@ def train(members, arch, num_members, loss, epochs, batch_size, lr, seed, out, o
 @click.option("--device", default="auto", show_default=True)
 @_user_errors
 def demo(out, epochs, device):
-    """Train three small, different members on the embedded digits, then evaluate them."""
+    """Train three small, different members on the embedded digits, then evaluate them on the clean
+    test split and under the paper's four corruptions."""
+    from divfast.data import load_members
+    from divfast.report import render_accuracy_by_dataset
     from divfast.training import TrainConfig, train_ensemble
 
     click.echo(f"divfast demo: training {DEFAULT_DEMO_MEMBERS} on the embedded digits "
                f"({epochs} epochs, CPU: 1-2 minutes)", err=True)
     cfg = TrainConfig(architectures=_split(DEFAULT_DEMO_MEMBERS), epochs=epochs)
     paths = train_ensemble(cfg, out, device=_device(device), overwrite=True)
-    _run_eval(paths, "clean", None, 256, device, False, out, True)
+    members = load_members(paths, _device(device))
+    reports = [_run_eval(members, "clean", None, 256, device, False, out, True)]
+    for spec in DEMO_DATASETS:
+        reports.append(_run_eval(members, spec, None, 256, device, False, os.path.join(out, spec),
+                                 True, quiet=True))
+    render_accuracy_by_dataset(reports)
+
+
+@cli.command("corrupt")
+@click.option("--dataset", default=None, help="<corruption><severity>, e.g. plasma4.0 (see --list).")
+@click.option("--data", type=click.Path(), default=None,
+              help="ImageFolder root to corrupt; default: the embedded digits test split.")
+@click.option("--out", type=click.Path(), default=None,
+              help="Directory for the corrupted ImageFolder tree (resumable).")
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="With each image's relative path (or index) it fixes the image's corruption.")
+@click.option("--image-size", default=224, show_default=True, type=int,
+              help="Crop size for --data images (Resize(size*256/224), CenterCrop(size)).")
+@click.option("--quality", default=85, show_default=True, type=int, help="JPEG quality.")
+@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--workers", default=0, show_default=True, type=int, help="Data-loader processes.")
+@click.option("--device", default="cpu", show_default=True, help="Where to corrupt: cpu, cuda, auto.")
+@click.option("--gallery", type=click.Path(), default=None,
+              help="Also draw one image under every corruption into this .png/.svg/.pdf.")
+@click.option("--severities", default="2,4,6,8,10", show_default=True,
+              help="Gallery columns.")
+@click.option("--index", default=0, show_default=True, type=int,
+              help="Gallery image: its index in --data (default image: a photo shipped with "
+                   "scikit-learn).")
+@click.option("--list", "list_only", is_flag=True, help="List the corruptions and exit.")
+@click.option("--progress/--no-progress", default=True)
+@_user_errors
+def corrupt_cmd(dataset, data, out, seed, image_size, quality, batch_size, workers, device, gallery,
+                severities, index, list_only, progress):
+    """Write a corrupted copy of a dataset (JPEG ImageFolder tree) and/or a gallery of corruptions."""
+    import warnings
+
+    from divfast.corruptions import corruption_aliases, list_corruptions
+
+    if list_only:
+        aliases = corruption_aliases()
+        for name in list_corruptions():
+            other = sorted(a for a, n in aliases.items() if n == name and a != name)
+            click.echo(name + (f"  (alias: {', '.join(other)})" if other else ""))
+        return
+    if not gallery and not out:
+        raise DivfastError("--out (with --dataset) or --gallery: give at least one")
+    if out and not dataset:
+        raise DivfastError("--dataset: required with --out (e.g. --dataset plasma4.0)")
+    if gallery:
+        from divfast.report.gallery import draw_gallery, sample_photo
+
+        if data is None:
+            image, key = sample_photo(), "sample-photo"
+        else:
+            from divfast.data.export import folder_image
+
+            image, key = folder_image(data, index, image_size)
+        try:
+            sevs = [float(s) for s in _split(severities)]
+        except ValueError:
+            raise DivfastError(f"--severities: expected numbers such as 2,4,6, got {severities!r}") from None
+        draw_gallery(image, gallery, sevs, seed=seed, key=key)
+        click.echo(f"wrote {gallery}")
+    if out:
+        from divfast.data.export import write_corrupted_folder
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            summary = write_corrupted_folder(dataset, out, data=data, seed=seed, image_size=image_size,
+                                             batch_size=batch_size, workers=workers, quality=quality,
+                                             device=_device(device), progress=progress)
+        for w in caught:
+            click.echo(f"warning: {w.message}", err=True)
+        click.echo(f"wrote {summary['written']} images of {summary['dataset']} to {out} "
+                   f"({summary['already_present']} already there, {summary['non_image_skipped']} "
+                   f"non-image and {summary['unreadable_skipped']} unreadable files skipped)")
 
 
 def main():

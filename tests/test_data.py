@@ -129,7 +129,7 @@ def test_parse_clean(spec):
     assert parse_dataset_spec(spec) == ("clean", 0.0)
 
 
-@pytest.mark.parametrize("spec", ["nope", "", "clean2", "lines-1"])
+@pytest.mark.parametrize("spec", ["nope", "", "clean2", "lines", "foo1.0"])
 def test_unknown_spec(spec):
     with pytest.raises(DivfastError) as info:
         parse_dataset_spec(spec)

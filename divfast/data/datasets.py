@@ -1,4 +1,5 @@
-"""Dataset specs: ``"clean"`` (and, with the corruptions module, ``"lines1.6"`` and the rest).
+"""Datasets by spec: ``"clean"`` or a corruption at a severity (``"lines1.6"``, ``"plasma4.0"``, ...)
+over the embedded digits or an ImageFolder.
 
 A dataset yields float images in [0, 1] ``(3, H, W)`` and int64 labels; each member normalises its own
 input (the checkpoint records the mean and std), so one pass of the data serves every member.
@@ -10,19 +11,9 @@ import os
 
 from torch.utils.data import Dataset
 
+from divfast.corruptions import parse_dataset_spec
 from divfast.data.digits import digits_dataset
 from divfast.errors import DivfastError
-
-KNOWN_SPECS = ("clean",)
-
-
-def parse_dataset_spec(spec: str) -> tuple[str, float]:
-    """``"clean"`` -> ``("clean", 0.0)``; anything else is an error listing the valid specs."""
-    name = spec.strip().lower()
-    if name == "clean":
-        return "clean", 0.0
-    raise DivfastError(f"--dataset: unknown dataset spec {spec!r}; expected one of: "
-                       f"{', '.join(KNOWN_SPECS)}")
 
 
 def build_train_datasets(data: str | None = None, val_data: str | None = None,
@@ -44,16 +35,27 @@ def build_train_datasets(data: str | None = None, val_data: str | None = None,
 
 
 def build_dataset(spec: str = "clean", data: str | None = None, split: str = "test",
-                  image_size: int | None = None) -> Dataset:
+                  image_size: int | None = None, seed: int = 0) -> Dataset:
     """The dataset named by ``spec`` over the embedded digits, or over an ImageFolder at ``data``.
 
     Args:
-        spec: dataset spec, e.g. ``"clean"``.
+        spec: ``"clean"`` or ``<corruption><severity>`` such as ``"lines1.6"`` (applied on the fly,
+            each image seeded by its index, or its relative path in an ImageFolder).
         data: optional ImageFolder root (class sub-folders); default: the embedded digits.
         split: ``"train"`` or ``"test"`` of the embedded digits (ignored for an ImageFolder).
         image_size: crop size for an ImageFolder (Resize(size * 256 / 224), CenterCrop(size)).
+        seed: the corruption seed (with each image's key it fixes the image's parameters).
     """
-    parse_dataset_spec(spec)
+    name, severity = parse_dataset_spec(spec)
+    base = _base_dataset(data, split, image_size)
+    if name == "clean":
+        return base
+    from divfast.data.corrupted import CorruptedDataset
+
+    return CorruptedDataset(base, name, severity, seed=seed)
+
+
+def _base_dataset(data: str | None, split: str, image_size: int | None) -> Dataset:
     if data is None:
         return digits_dataset(split)
     if not os.path.isdir(data):

@@ -63,3 +63,28 @@ def render_eval(report: dict, file=None) -> None:
         div.add_row(name, _fmt(report["diversity"][name]), "↑" if direction == "up" else "↓",
                     meaning)
     console.print(div)
+
+
+def render_accuracy_by_dataset(reports: list[dict], file=None) -> None:
+    """One row per dataset (clean, lines1.6, ...): each member's top-1, the ensemble's, its gain."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=file or sys.stdout, width=110)
+    names = [row["name"] for row in reports[0]["members"]]
+    archs = [row["architecture"] for row in reports[0]["members"]]
+    if len(set(archs)) == len(archs):  # shorter headers when they still tell members apart
+        names = archs
+    table = Table(title="top-1 accuracy % per dataset", title_justify="left")
+    table.add_column("dataset")
+    for name in names:
+        table.add_column(name, justify="right")
+    table.add_column("ensemble", justify="right")
+    table.add_column("gain", justify="right")
+    table.add_column("disagreement", justify="right")
+    for report in reports:
+        ens = report["ensemble"]
+        table.add_row(report["dataset"], *[_fmt(r["top1"], True) for r in report["members"]],
+                      _fmt(ens["top1"], True), f"{100 * ens['gain_top1']:+.2f}",
+                      _fmt(report["diversity"]["disagreement"]))
+    console.print(table)

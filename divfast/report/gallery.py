@@ -1,0 +1,59 @@
+"""A gallery of one image under every corruption at a few severities (``divfast corrupt --gallery``)."""
+
+from __future__ import annotations
+
+import torch
+
+from divfast.errors import DivfastError
+
+DEFAULT_SEVERITIES = (2.0, 4.0, 6.0, 8.0, 10.0)
+
+
+def sample_photo(size: int = 224) -> torch.Tensor:
+    """A real photograph shipped with scikit-learn (``china.jpg``), Resize/CenterCrop'd to ``size``:
+    uint8 (3, size, size). Offline, so the gallery works without any data."""
+    from sklearn.datasets import load_sample_image
+    from torchvision.transforms import functional as TF
+
+    photo = torch.from_numpy(load_sample_image("china.jpg").copy()).permute(2, 0, 1)  # (3, 427, 640)
+    photo = TF.resize(photo, int(round(size * 256 / 224)), antialias=True)
+    return TF.center_crop(photo, size)
+
+
+def draw_gallery(image: torch.Tensor, path: str, severities=DEFAULT_SEVERITIES, seed: int = 0,
+                 corruptions: list[str] | None = None, key: int | str = 0) -> None:
+    """Draws ``image`` (3, H, W) uint8 clean and under each corruption (rows) at each severity
+    (columns) into ``path`` (.png, .svg, .pdf or .jpg), written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from divfast.corruptions import check_severity, corrupt, list_corruptions
+    from divfast.io import atomic_path
+
+    severities = [check_severity(s, option="--severities") for s in severities]
+    if not severities:
+        raise DivfastError("--severities: expected at least one severity")
+    names = corruptions or list_corruptions()
+    ext = path.rsplit(".", 1)[-1].lower() if "." in path else ""
+    if ext not in ("png", "svg", "pdf", "jpg", "jpeg"):
+        raise DivfastError(f"--gallery: expected a .png, .svg, .pdf or .jpg path, got {path!r}")
+    batch = image.unsqueeze(0)
+    cols = len(severities) + 1
+    fig, axes = plt.subplots(len(names), cols, figsize=(1.6 * cols, 1.6 * len(names)), squeeze=False)
+    for r, name in enumerate(names):
+        cells = [image] + [corrupt(batch, name, s, seed=seed, keys=[key])[0] for s in severities]
+        for c, cell in enumerate(cells):
+            ax = axes[r][c]
+            ax.imshow(cell.permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title("clean" if c == 0 else f"severity {severities[c - 1]:g}", fontsize=8)
+        axes[r][0].set_ylabel(name.replace("_", " "), fontsize=8)
+    fig.suptitle(f"divfast corruptions (seed {seed})", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / len(names)))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="jpeg" if ext == "jpg" else ext, dpi=100)
+    plt.close(fig)
