@@ -27,6 +27,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -r requirements/bench.txt
 	$(PY) benchmarks/bench_pair_counts.py
+	$(PY) -m benchmarks.bench_corruptions
 
 clean:
 	rm -rf build divfast/_C*.so divfast/_build_info.py *.egg-info

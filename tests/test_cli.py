@@ -336,3 +336,17 @@ def test_readme_quick_start_runs(tmp_path):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                          timeout=120, cwd=REPO, env=env)
     assert out.returncode == 0, f"README quick start failed:\n{out.stdout}\n{out.stderr}"
+
+
+def test_readme_other_python_blocks_run(tmp_path):
+    """Every other ```python block of the README runs too: documentation that runs cannot drift."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"^```python[^\n]*\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE)
+    quick = _quick_start_code(text)
+    others = [b for b in blocks if b != quick]
+    assert others, "expected the corruptions example besides the quick start"
+    script = tmp_path / "blocks.py"
+    script.write_text("\n".join(others), encoding="utf-8")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=120, cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert out.returncode == 0, f"README example failed:\n{out.stdout}\n{out.stderr}"

@@ -46,18 +46,30 @@ def _symmetric_pad_index(n: int, radius: int, device) -> torch.Tensor:
     return torch.where(idx >= n, period - 1 - idx, idx)
 
 
+def _blur_matrix(n: int, weights: torch.Tensor, device) -> torch.Tensor:
+    """(n, n) matrix applying the 1-D filter ``weights`` with half-sample symmetric borders."""
+    radius = (weights.numel() - 1) // 2
+    src = _symmetric_pad_index(n, radius, device)  # padded position -> source index
+    rows = torch.arange(n, device=device).repeat_interleave(weights.numel())
+    taps = torch.arange(weights.numel(), device=device).repeat(n)
+    matrix = torch.zeros(n, n, device=device, dtype=weights.dtype)
+    matrix.index_put_((rows, src[rows + taps]), weights[taps], accumulate=True)
+    return matrix
+
+
 def gaussian_blur(field: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
     """SciPy's ``gaussian_filter(field, sigma)`` over the last two dims of ``field`` (B, H, W):
-    a separable kernel of radius ``int(truncate * sigma + 0.5)``, borders mirrored half-sample."""
+    a separable kernel of radius ``int(truncate * sigma + 0.5)``, borders mirrored half-sample.
+
+    Each axis is one banded matrix product (``M_H @ field @ M_W^T``), the borders folded into the
+    matrices: faster on CPUs than a convolution with a 9-tap kernel, and exact.
+    """
     radius = int(truncate * sigma + 0.5)
     taps = torch.arange(-radius, radius + 1, device=field.device, dtype=torch.float64)
     weights = torch.exp(-0.5 * (taps / sigma) ** 2)
     weights = (weights / weights.sum()).to(field.dtype)
-    b, h, w = field.shape
-    x = field.index_select(1, _symmetric_pad_index(h, radius, field.device))
-    x = F.conv2d(x.unsqueeze(1), weights.view(1, 1, -1, 1)).squeeze(1)
-    x = x.index_select(2, _symmetric_pad_index(w, radius, field.device))
-    return F.conv2d(x.unsqueeze(1), weights.view(1, 1, 1, -1)).squeeze(1)
+    _, h, w = field.shape
+    return _blur_matrix(h, weights, field.device) @ field @ _blur_matrix(w, weights, field.device).T
 
 
 TWO_PI = 2.0 * math.pi

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from divfast.corruptions._common import TWO_PI, per_image, pixel_grid
+from divfast.corruptions.random import device_uniform
 from divfast.corruptions.registry import Corruption, register
 
 PLASMA_MAX_ITERATIONS = 6
@@ -69,58 +69,70 @@ class Plasma(Corruption):
         return (1.0 - intensity / 255.0) * images + intensity * noise
 
 
-def _perlin_tables(rng) -> tuple[np.ndarray, np.ndarray]:
-    """The reference's ``PerlinNoiseGenerator`` tables: 514 unit gradients (components drawn from
-    {-256..255}/256) and a shuffled permutation of 0..255 repeated past 256.
+def perlin_tables(seeds: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image Perlin tables expanded from ``seeds`` (B,) on ``device``: the permutation (B, 514)
+    and the unit gradients (B, 514, 2), laid out as the reference's ``PerlinNoiseGenerator`` leaves
+    them (entries 256..513 repeat 0..257).
 
-    A zero gradient (probability 512**-2 each) has no direction; the reference divides by its zero
-    norm (NaN pixels), we use (1, 0).
+    Gradient components are drawn from {-256, ..., 255} / 256 as in the reference. Differences: the
+    permutation is uniformly random (an argsort of uniforms) where the reference's swap loop
+    (``p[i], p[rand % 256]`` for i from 255 down) favours some orders; a zero gradient (probability
+    512**-2 each) becomes (1, 0) where the reference divides by its zero norm and writes NaN pixels.
     """
-    b = 256
-    raw = (rng.integers(0, 2 * b, size=(2 * b + 2, 2)) - b) / b
-    norm = np.linalg.norm(raw, axis=1, keepdims=True)
-    grads = np.where(norm > 0, raw / np.where(norm > 0, norm, 1.0), np.array([1.0, 0.0]))
-    perm = np.arange(2 * b + 2)
-    swaps = rng.integers(0, b, size=b)
-    for i, j in zip(range(b - 1, -1, -1), swaps):  # 256 scalar swaps per image: cheap
-        perm[i], perm[j] = perm[j], perm[i]
-    perm[b:] = perm[: b + 2]
-    grads[b:] = grads[: b + 2]
-    return perm, grads
+    u = device_uniform(seeds, 2 * 256 + 256, device)  # (B, 768)
+    raw = (torch.floor(u[:, :512] * 512.0).clamp_(max=511.0) - 256.0).view(-1, 256, 2) / 256.0
+    norm = raw.norm(dim=-1, keepdim=True)
+    unit = torch.tensor([1.0, 0.0], device=device, dtype=raw.dtype)
+    grads = torch.where(norm > 0, raw / norm.clamp_min(1e-12), unit).to(torch.float32)
+    perm = torch.argsort(u[:, 512:], dim=1, stable=True)  # (B, 256)
+    return (torch.cat((perm, perm, perm[:, :2]), dim=1),
+            torch.cat((grads, grads, grads[:, :2]), dim=1))
+
+
+def _lattice_weights(coords: torch.Tensor, size: int, slope: bool) -> torch.Tensor:
+    """Sparse-as-dense interpolation matrix (len(coords), size) of Perlin noise along one axis.
+
+    A point at ``t`` in lattice cell ``k = floor(t)``, offset ``r = t - k``, weights corner ``k`` by
+    ``(1 - s(r))`` and corner ``k + 1`` by ``s(r)`` (``s`` the cubic s-curve); with ``slope`` the
+    weights also carry the offset to the corner (``r`` and ``r - 1``), the factor that multiplies the
+    corner gradient's component along this axis.
+    """
+    cell = torch.floor(coords)
+    r = coords - cell
+    s = r * r * (3.0 - 2.0 * r)
+    w0, w1 = 1.0 - s, s
+    if slope:
+        w0, w1 = w0 * r, w1 * (r - 1.0)
+    out = coords.new_zeros(coords.numel(), size)
+    rows = torch.arange(coords.numel(), device=coords.device)
+    out[rows, cell.long()] = w0
+    out[rows, cell.long() + 1] = w1
+    return out
 
 
 def _perlin_noise(perm: torch.Tensor, grads: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Classic 2-D Perlin noise with per-image tables ``perm`` (B, 514) int64 and ``grads``
     (B, 514, 2), at non-negative coordinates ``x`` (H,) along rows and ``y`` (W,) along columns ->
-    (B, H, W). The reference adds 4096 (a multiple of 256) first; for x >= 0 that changes nothing."""
-    b = perm.shape[0]
-    bx0 = torch.floor(x).long() % 256  # (H,)
-    by0 = torch.floor(y).long() % 256  # (W,)
-    rx0, ry0 = x - torch.floor(x), y - torch.floor(y)
-    i = perm[:, bx0]  # (B, H)
-    j = perm[:, (bx0 + 1) % 256]
-    by1 = (by0 + 1) % 256
-    # Gradient of table entry perm[k] for every k, packed so one gather fetches both components.
-    g = torch.gather(grads, 1, perm.unsqueeze(-1).expand(-1, -1, 2)).contiguous()  # (B, 514, 2)
+    (B, H, W). The reference adds 4096 (a multiple of 256) first; for x >= 0 that changes nothing.
 
-    def corner(rows_idx, cols_idx):
-        flat = (rows_idx.unsqueeze(-1) + cols_idx.view(1, 1, -1)).reshape(b, -1)  # (B, H*W)
-        gx = torch.gather(g[..., 0], 1, flat).view(b, x.numel(), y.numel())
-        gy = torch.gather(g[..., 1], 1, flat).view(b, x.numel(), y.numel())
-        return gx, gy
-
-    sx = (rx0 * rx0 * (3.0 - 2.0 * rx0)).view(1, -1, 1)
-    sy = (ry0 * ry0 * (3.0 - 2.0 * ry0)).view(1, 1, -1)
-    rx0, ry0 = rx0.view(1, -1, 1), ry0.view(1, 1, -1)
-    rx1, ry1 = rx0 - 1.0, ry0 - 1.0
-    g00, g10, g01, g11 = corner(i, by0), corner(j, by0), corner(i, by1), corner(j, by1)
-    u = rx0 * g00[0] + ry0 * g00[1]
-    v = rx1 * g10[0] + ry0 * g10[1]
-    a = u + sx * (v - u)
-    u = rx0 * g01[0] + ry1 * g01[1]
-    v = rx1 * g11[0] + ry1 * g11[1]
-    bb = u + sx * (v - u)
-    return 1.5 * (a + sy * (bb - a))
+    The reference evaluates, per pixel, ``sum over the 4 cell corners of s_x s_y (r_x g_x + r_y g_y)``
+    with ``g`` the gradient at the corner. Every factor but ``g`` depends on the row alone or the
+    column alone, so the whole field is two matrix products per gradient component,
+    ``Wx_slope @ Gx @ Wy^T + Wx @ Gy @ Wy_slope^T``, over the lattice of corner gradients ``G``
+    (B, X, Y, 2): no per-pixel table lookups.
+    """
+    nx = int(torch.floor(x.max()).item()) + 2  # lattice corners spanned, both axes
+    ny = int(torch.floor(y.max()).item()) + 2
+    lat_x = torch.arange(nx, device=perm.device) % 256
+    lat_y = torch.arange(ny, device=perm.device) % 256
+    # The reference's corner (X, Y) uses gradient grads[perm[perm[X] + Y]] (indices mod 256).
+    corner = perm.gather(1, lat_x.expand(perm.shape[0], -1)).unsqueeze(-1) + lat_y.view(1, 1, -1)
+    table = perm.gather(1, corner.flatten(1))  # (B, X*Y)
+    g = grads.gather(1, table.unsqueeze(-1).expand(-1, -1, 2)).view(perm.shape[0], nx, ny, 2)
+    wx, wx_slope = _lattice_weights(x, nx, False), _lattice_weights(x, nx, True)  # (H, X)
+    wy, wy_slope = _lattice_weights(y, ny, False), _lattice_weights(y, ny, True)  # (W, Y)
+    noise = wx_slope @ g[..., 0] @ wy.T + wx @ g[..., 1] @ wy_slope.T  # (B, H, W)
+    return 1.5 * noise
 
 
 @register
@@ -133,19 +145,18 @@ class PerlinNoise(Corruption):
     reference = "perlin_noise"
 
     def sample(self, rng, height, width, severity):
-        perm, grads = _perlin_tables(rng)
-        return {"perm": perm, "grads": grads, "alpha": 0.5 * severity / 10.0}
+        return {"table_seed": rng.seed(), "alpha": 0.5 * severity / 10.0}
 
     def apply(self, images, params):
         _, _, h, w = images.shape
         period = 32.0 * min(h, w) / 224.0
         x = torch.arange(h, device=images.device, dtype=torch.float32) / period
         y = torch.arange(w, device=images.device, dtype=torch.float32) / period
+        perm, grads = perlin_tables(params["table_seed"], images.device)
         turbulence = 0.0
         octave = 1.0
         while octave <= 16.0:
-            turbulence = turbulence + _perlin_noise(params["perm"], params["grads"], octave * x,
-                                                    octave * y).abs() / octave
+            turbulence = turbulence + _perlin_noise(perm, grads, octave * x, octave * y).abs() / octave
             octave *= 2.0
         noise = (0.5 * turbulence + 0.5).clamp(0.0, 1.0).unsqueeze(1)  # (B, 1, H, W)
         alpha = params["alpha"].view(-1, 1, 1, 1)

@@ -5,6 +5,11 @@ the key is the image's index in its dataset or its path relative to the dataset 
 counter-based SplitMix64 stream evaluated with NumPy on the CPU. The stream is our own code, so its
 numbers do not change with NumPy or torch versions, and it never touches torch's global generator or a
 CUDA generator: CPU and GPU runs draw identical parameters, in any order and in any process.
+
+Bulk random fields (the spectral phases, the Perlin tables: up to 10^5 numbers per image) are not
+drawn on the CPU. Like the reference's own ``seed`` parameters, the image's stream draws one 63-bit
+seed, and :func:`device_uniform` expands it on the images' device with the same SplitMix64 stream in
+torch integer arithmetic. Integer arithmetic is exact, so CPU and GPU expand identical numbers.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import hashlib
 import math
 
 import numpy as np
+import torch
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -57,6 +63,10 @@ class ImageRandom:
         with np.errstate(over="ignore"):
             return _splitmix(self._key + idx * _GOLDEN)
 
+    def seed(self) -> int:
+        """A 63-bit integer: the seed of a bulk field expanded by :func:`device_uniform`."""
+        return int(self._bits(1)[0] >> np.uint64(1))
+
     def random(self, size=None):
         """Uniform floats in [0, 1) with 53 random bits."""
         n = 1 if size is None else int(np.prod(size))
@@ -83,3 +93,30 @@ class ImageRandom:
         u2 = self.random(n)
         z = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * math.pi * u2)
         return float(z[0]) if size is None else z.reshape(size)
+
+
+def _signed(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's ``>>`` is arithmetic on signed ints)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def device_uniform(seeds: torch.Tensor, count: int, device=None) -> torch.Tensor:
+    """``ImageRandom(seed).random(count)`` for every seed at once, on ``device``: (B, count) float64.
+
+    Bit-identical to the NumPy stream on any device (int64 multiplication wraps modulo 2**64 like
+    uint64). Used for bulk fields, so no per-image loop and no host-to-device copy of the numbers.
+    """
+    device = seeds.device if device is None else device
+    key = seeds.to(device=device, dtype=torch.int64).view(-1, 1)
+    z = torch.arange(1, count + 1, device=device, dtype=torch.int64).view(1, -1) * _signed(int(_GOLDEN))
+    z = z + key  # (B, count)
+    z ^= _shift_right(z, 30)
+    z *= _signed(int(_MIX1))
+    z ^= _shift_right(z, 27)
+    z *= _signed(int(_MIX2))
+    z ^= _shift_right(z, 31)
+    return _shift_right(z, 11).to(torch.float64) * (1.0 / 9007199254740992.0)

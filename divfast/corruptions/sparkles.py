@@ -24,26 +24,30 @@ MAX_RAYS = 199  # rays per star: U{50, ..., 199}
 RANDOMNESS = 0.25
 
 
-def star_weight(rows, cols, center_row, center_col, ray_lengths, rays, radius, exponent):
+def star_weight(rows, cols, center_row, center_col, ray_lengths, rays, radius, exponent=None):
     """Weights (B, H, W) of one star per image: centre (B,), ray lengths (B, MAX_RAYS) of which the
-    first ``rays`` (B,) are used, ``radius`` (B,) (0 disables the length term), ``exponent`` (B,)."""
+    first ``rays`` (B,) are used, ``radius`` (B,) (0 disables the length term), ``exponent`` (B,)
+    of the length term (None: 1)."""
     b = center_row.shape[0]
     dr = rows - center_row.view(-1, 1, 1)  # (B, H, 1)
     dc = cols - center_col.view(-1, 1, 1)  # (B, 1, W)
     dist2 = dr * dr + dc * dc  # (B, H, W)
-    n = rays.view(-1, 1, 1)
-    d = (torch.atan2(dc, dr) + math.pi) / (2.0 * math.pi) * n.to(dist2.dtype)
+    n = rays.view(-1, 1)
+    d = (torch.atan2(dc, dr) + math.pi) * (n.view(-1, 1, 1).to(dist2.dtype) / (2.0 * math.pi))
     i = torch.floor(d)
     f = d - i
-    i = i.long()
-    lo = torch.remainder(i, n).reshape(b, -1)
-    hi = torch.remainder(i + 1, n).reshape(b, -1)
-    len_lo = ray_lengths.gather(1, lo).view_as(f)
-    len_hi = ray_lengths.gather(1, hi).view_as(f)
-    length = len_lo + f * (len_hi - len_lo)
-    g = torch.pow(length * length / (dist2 + 1e-4), exponent.view(-1, 1, 1))
+    # Ray k's length and the step to ray k + 1 (indices wrap at each image's ray count), packed as
+    # one 64-bit word per ray so one gather fetches both.
+    ext = ray_lengths.gather(1, torch.remainder(torch.arange(MAX_RAYS + 2, device=n.device), n))
+    table = torch.stack((ext[:, :-1], ext[:, 1:] - ext[:, :-1]), dim=-1).contiguous()  # (B, R+1, 2)
+    idx = i.long().clamp_(0, MAX_RAYS).view(b, -1)  # d in [0, rays]: the angle +pi maps to rays
+    pair = table.view(torch.int64).view(b, -1).gather(1, idx).view(torch.float32).view(*f.shape, 2)
+    length = pair[..., 0] + f * pair[..., 1]
+    g = length * length / (dist2 + 1e-4)
+    if exponent is not None:
+        g = torch.pow(g, exponent.view(-1, 1, 1))
     weighted = (1.0 - (f - 0.5) ** 2) * g
-    return torch.where(radius.view(-1, 1, 1) != 0, weighted, f).clamp(0.0, 1.0)
+    return torch.where(radius.view(-1, 1, 1) != 0, weighted, f).clamp_(0.0, 1.0)
 
 
 @register
@@ -69,11 +73,9 @@ class Sparkles(Corruption):
         _, _, h, w = images.shape
         rows, cols = pixel_grid(h, w, images.device)
         keep = None
-        exponent = torch.ones_like(params["radius"])  # amount 50: (100 - 50) / 50
-        for k in range(self.stars):
+        for k in range(self.stars):  # the length term's exponent is 1: amount 50, (100 - 50) / 50
             weight = star_weight(rows, cols, params["center_row"][:, k], params["center_col"][:, k],
-                                 params["ray_lengths"][:, k], params["rays"][:, k], params["radius"],
-                                 exponent)
+                                 params["ray_lengths"][:, k], params["rays"][:, k], params["radius"])
             keep = 1.0 - weight if keep is None else keep * (1.0 - weight)
         return WHITE - (WHITE - images) * keep.unsqueeze(1)
 
