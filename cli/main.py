@@ -246,21 +246,15 @@ def corrupt_cmd(dataset, data, out, seed, image_size, quality, batch_size, worke
         raise DivfastError("--out (with --dataset) or --gallery: give at least one")
     if out and not dataset:
         raise DivfastError("--dataset: required with --out (e.g. --dataset plasma4.0)")
-    if gallery:
-        from divfast.report.gallery import draw_gallery, sample_photo
-
-        if data is None:
-            image, key = sample_photo(), "sample-photo"
-        else:
-            from divfast.data.export import folder_image
-
-            image, key = folder_image(data, index, image_size)
+    sevs = None
+    if gallery:  # check the gallery's options before a long --out run, draw it after
         try:
             sevs = [float(s) for s in _split(severities)]
         except ValueError:
             raise DivfastError(f"--severities: expected numbers such as 2,4,6, got {severities!r}") from None
-        draw_gallery(image, gallery, sevs, seed=seed, key=key)
-        click.echo(f"wrote {gallery}")
+        from divfast.report.gallery import check_gallery_path
+
+        check_gallery_path(gallery)
     if out:
         from divfast.data.export import write_corrupted_folder
 
@@ -274,6 +268,17 @@ def corrupt_cmd(dataset, data, out, seed, image_size, quality, batch_size, worke
         click.echo(f"wrote {summary['written']} images of {summary['dataset']} to {out} "
                    f"({summary['already_present']} already there, {summary['non_image_skipped']} "
                    f"non-image and {summary['unreadable_skipped']} unreadable files skipped)")
+    if gallery:
+        from divfast.report.gallery import draw_gallery, sample_photo
+
+        if data is None:
+            image, key = sample_photo(), "sample-photo"
+        else:
+            from divfast.data.export import folder_image
+
+            image, key = folder_image(data, index, image_size)
+        draw_gallery(image, gallery, sevs, seed=seed, key=key)
+        click.echo(f"wrote {gallery}")
 
 
 def main():

@@ -29,7 +29,8 @@ class CorruptedDataset(Dataset):
     """``base`` with corruption ``name`` at ``severity``; items are ``(image, label)`` like ``base``.
 
     Args:
-        base: a dataset of ``(image (3, H, W) uint8 or float in [0, 1], label)``.
+        base: a dataset of ``(image (3, H, W) uint8 or float in [0, 1], label, ...)``: the image
+            comes first; everything after it passes through.
         name: a corruption name or alias (see :func:`divfast.corruptions.list_corruptions`).
         severity: float in [0, 10].
         seed: the user's seed; with each image's key it fixes the image's parameters.
@@ -58,8 +59,8 @@ class CorruptedDataset(Dataset):
         items = [self.base[i] for i in indices]
         out: list = [None] * len(items)
         groups: dict[tuple, list[int]] = {}  # images of one shape and dtype corrupt as one batch
-        for pos, (image, _) in enumerate(items):
-            groups.setdefault((tuple(image.shape), image.dtype), []).append(pos)
+        for pos, item in enumerate(items):
+            groups.setdefault((tuple(item[0].shape), item[0].dtype), []).append(pos)
         for positions in groups.values():
             batch = torch.stack([items[p][0] for p in positions])
             keys = [self.key(indices[p]) for p in positions]

@@ -27,16 +27,17 @@ MANIFEST = "divfast-corrupt.json"
 
 
 def scan_image_folder(root: str) -> tuple[list[tuple[str, int]], list[str], list[str]]:
-    """``(samples, classes, skipped)`` of an ImageFolder root, in torchvision's order.
+    """``(samples, classes, skipped)`` of an ImageFolder root, exactly as torchvision's ImageFolder
+    (which ``divfast eval --data`` reads) sees it: every sub-folder is a class, every file under it
+    (recursively) with an image extension is a sample.
 
-    ``samples`` are ``(relative path, class index)`` of the files with an image extension under each
-    class folder (recursively); ``skipped`` lists every other file (relative paths): files at the
-    root, other extensions, hidden files.
+    ``samples`` are ``(relative path, class index)``; ``skipped`` lists every other file (relative
+    paths): files at the root and files with other extensions.
     """
     if not os.path.isdir(root):
         raise DivfastError(f"--data: {root!r} is not a directory (expected an ImageFolder root)")
     entries = sorted(os.scandir(root), key=lambda e: e.name)
-    classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+    classes = [e.name for e in entries if e.is_dir()]
     skipped = [e.name for e in entries if not e.is_dir()]
     samples = []
     for idx, cls in enumerate(classes):
@@ -44,10 +45,8 @@ def scan_image_folder(root: str) -> tuple[list[tuple[str, int]], list[str], list
             dirs.sort()
             for fname in sorted(files):
                 rel = os.path.relpath(os.path.join(folder, fname), root).replace(os.sep, "/")
-                if fname.lower().endswith(IMAGE_EXTENSIONS) and not fname.startswith("."):
-                    samples.append((rel, idx))
-                else:
-                    skipped.append(rel)
+                (samples.append((rel, idx)) if fname.lower().endswith(IMAGE_EXTENSIONS)
+                 else skipped.append(rel))
     if not samples:
         raise DivfastError(f"--data: no images under {root!r} (expected class folders of "
                            f"{', '.join(IMAGE_EXTENSIONS)} files)")
@@ -79,7 +78,7 @@ class _FolderCrops(Dataset):
 
         key, dest = self.items[i]
         try:
-            with Image.open(os.path.join(self.root, key)) as im:
+            with Image.open(os.path.join(self.root, key)) as im:  # noqa: PTH123
                 return self.tf(im.convert("RGB")), key, dest
         except (OSError, ValueError, Image.DecompressionBombError):
             return None, key, dest
@@ -97,14 +96,40 @@ class _DigitsItems(Dataset):
         return self.images[key], key, dest
 
 
+TMP_PREFIX = ".divfast-tmp-"
+TMP_SUFFIX = ".part"  # not an image extension: an ImageFolder never loads a half-written file
+
+
 def _save_jpeg(image: torch.Tensor, path: str, quality: int) -> None:
     from PIL import Image
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(path), f".divfast-tmp-{os.path.basename(path)}")
+    tmp = os.path.join(os.path.dirname(path), f"{TMP_PREFIX}{os.path.basename(path)}{TMP_SUFFIX}")
     Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()).save(
         tmp, format="JPEG", quality=quality, optimize=True)
     os.replace(tmp, path)
+
+
+def _check_unique_outputs(items: list[tuple[str, str]]) -> None:
+    """Two inputs (``a.png`` and ``a.jpg``) must not map to one output file."""
+    seen: dict[str, str] = {}
+    for key, dest in items:
+        if dest.lower() in seen:
+            raise DivfastError(f"--data: {seen[dest.lower()]!r} and {key!r} would both be written as "
+                               f"{dest!r}; rename one of them")
+        seen[dest.lower()] = key
+
+
+def _remove_stale_temporaries(out: str, classes: list[str]) -> None:
+    """Half-written files of an interrupted run (never renamed into place) are deleted."""
+    for cls in classes:
+        folder = os.path.join(out, cls)
+        if not os.path.isdir(folder):
+            continue
+        for dirpath, _, files in os.walk(folder):
+            for fname in files:
+                if fname.startswith(TMP_PREFIX):
+                    os.remove(os.path.join(dirpath, fname))
 
 
 def _check_manifest(out: str, manifest: dict) -> None:
@@ -113,8 +138,14 @@ def _check_manifest(out: str, manifest: dict) -> None:
     path = os.path.join(out, MANIFEST)
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        old = json.load(f)
+    try:
+        with open(path) as f:
+            old = json.load(f)
+        if not isinstance(old, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise DivfastError(f"--out: {path!r} is not a readable divfast manifest ({exc}); "
+                           f"choose another --out or delete it") from exc
     fields = ("dataset", "seed", "source", "image_size", "quality")
     if any(old.get(k) != manifest[k] for k in fields):
         was = ", ".join(f"{k}={old.get(k)!r}" for k in fields)
@@ -144,7 +175,6 @@ def write_corrupted_folder(spec: str, out: str, data: str | None = None, seed: i
     if data is not None and image_size < 8:
         raise DivfastError(f"--image-size: expected >= 8, got {image_size}")
     canonical = format_dataset_spec(name, severity)
-    ensure_dir(out)
     skipped: list[str] = []
     if data is None:
         from divfast.data.digits import DigitsDataset, digits_uint8
@@ -155,13 +185,20 @@ def write_corrupted_folder(spec: str, out: str, data: str | None = None, seed: i
         source, size = "digits:test", images.shape[-1]
     else:
         samples, classes, skipped = scan_image_folder(data)
+        src, dst = os.path.realpath(data), os.path.realpath(out)
+        if os.path.commonpath([src, dst]) == src:
+            raise DivfastError(f"--out: {out!r} lies inside --data {data!r}; the next run would read "
+                               f"its own output: choose a folder outside it")
         all_items = [(rel, output_name(rel)) for rel, _ in samples]
+        _check_unique_outputs(all_items)
         source, size = os.path.abspath(data), image_size
     manifest = {"schema": "divfast.corrupt/1", "dataset": canonical, "seed": int(seed),
                 "source": source, "image_size": int(size), "quality": int(quality),
                 "classes": len(classes), "images": len(all_items)}
+    ensure_dir(out)
     _check_manifest(out, manifest)
     write_json_atomic(os.path.join(out, MANIFEST), manifest)
+    _remove_stale_temporaries(out, classes)
     pending = [(key, dest) for key, dest in all_items if not os.path.exists(os.path.join(out, dest))]
     for cls in classes:
         os.makedirs(os.path.join(out, cls), exist_ok=True)
@@ -176,7 +213,9 @@ def write_corrupted_folder(spec: str, out: str, data: str | None = None, seed: i
             unreadable += [str(key) for img, key, _ in batch if img is None]
             if good:
                 x = torch.stack([img for img, _, _ in good]).to(device)
-                y = corrupt(x, name, severity, seed=seed, keys=[key for _, key, _ in good]).cpu()
+                y = x if name == "clean" else corrupt(x, name, severity, seed=seed,
+                                                      keys=[key for _, key, _ in good])
+                y = y.cpu()
                 for image, (_, _, dest) in zip(y, good):
                     _save_jpeg(image, os.path.join(out, dest), quality)
                 written += len(good)
@@ -194,6 +233,8 @@ def write_corrupted_folder(spec: str, out: str, data: str | None = None, seed: i
 def folder_image(data: str, index: int = 0, image_size: int = 224) -> tuple[torch.Tensor, str]:
     """Image ``index`` of the ImageFolder at ``data`` (its order), cropped like the data set:
     ``(uint8 (3, S, S), relative path)``."""
+    if image_size < 8:
+        raise DivfastError(f"--image-size: expected >= 8, got {image_size}")
     samples, _, _ = scan_image_folder(data)
     if not 0 <= index < len(samples):
         raise DivfastError(f"--index: expected 0..{len(samples) - 1}, got {index}")

@@ -20,6 +20,14 @@ def sample_photo(size: int = 224) -> torch.Tensor:
     return TF.center_crop(photo, size)
 
 
+def check_gallery_path(path: str) -> str:
+    """The image format for ``path`` (png, svg, pdf, jpeg), or an error naming --gallery."""
+    ext = path.rsplit(".", 1)[-1].lower() if "." in path else ""
+    if ext not in ("png", "svg", "pdf", "jpg", "jpeg"):
+        raise DivfastError(f"--gallery: expected a .png, .svg, .pdf or .jpg path, got {path!r}")
+    return "jpeg" if ext == "jpg" else ext
+
+
 def draw_gallery(image: torch.Tensor, path: str, severities=DEFAULT_SEVERITIES, seed: int = 0,
                  corruptions: list[str] | None = None, key: int | str = 0) -> None:
     """Draws ``image`` (3, H, W) uint8 clean and under each corruption (rows) at each severity
@@ -36,9 +44,7 @@ def draw_gallery(image: torch.Tensor, path: str, severities=DEFAULT_SEVERITIES, 
     if not severities:
         raise DivfastError("--severities: expected at least one severity")
     names = corruptions or list_corruptions()
-    ext = path.rsplit(".", 1)[-1].lower() if "." in path else ""
-    if ext not in ("png", "svg", "pdf", "jpg", "jpeg"):
-        raise DivfastError(f"--gallery: expected a .png, .svg, .pdf or .jpg path, got {path!r}")
+    fmt = check_gallery_path(path)
     batch = image.unsqueeze(0)
     cols = len(severities) + 1
     fig, axes = plt.subplots(len(names), cols, figsize=(1.6 * cols, 1.6 * len(names)), squeeze=False)
@@ -55,5 +61,5 @@ def draw_gallery(image: torch.Tensor, path: str, severities=DEFAULT_SEVERITIES, 
     fig.suptitle(f"divfast corruptions (seed {seed})", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / len(names)))
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="jpeg" if ext == "jpg" else ext, dpi=100)
+        fig.savefig(tmp, format=fmt, dpi=100)
     plt.close(fig)
