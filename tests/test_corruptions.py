@@ -483,16 +483,7 @@ def test_other_key_or_seed_gives_other_parameters(name):
     assert all(torch.equal(batch[k][1], base[k][0]) for k in base)
 
 
-_BATCH_DEPENDENT = pytest.mark.xfail(strict=True, reason=(
-    "caustic_refraction depends on its batch: warps.caustic_field evaluates `(c / 5.0) ** 1.4` and "
-    "`c.abs() ** 8.0` in float32, and torch's CPU pow rounds differently in its vectorised loop than "
-    "in its scalar tail, whose position depends on the batch size; the float output differs in the "
-    "last bits, and the 1e-3 rounding of the refraction offset (torch.round(..., decimals=3) in "
-    "CausticRefraction.apply) can turn that into a 1e-3 px move, ~0.1 level, at times a uint8 level"))
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_BATCH_DEPENDENT) if n == "caustic_refraction"
-                                  else n for n in NAMES])
+@pytest.mark.parametrize("name", NAMES)
 def test_output_does_not_depend_on_the_batch(name):
     """A batch of 5 with keys 7..11 against each image alone with its key: identical bytes, for uint8
     and float input (float output is not quantised, so it shows any difference)."""
@@ -672,12 +663,21 @@ def test_unknown_corruption_lists_the_valid_names():
     assert issubclass(DivfastError, ValueError)
 
 
-@pytest.mark.parametrize("severity", [-0.1, 10.01, 11, float("nan"), float("inf"), "high", None, [4.0]])
+@pytest.mark.parametrize("severity", [-0.1, 10.01, 11, float("nan"), float("inf"), "high", "4", True,
+                                      None, [4.0], torch.tensor([4.0, 5.0])])
 def test_bad_severity(severity):
     with pytest.raises(DivfastError, match="severity"):
         corrupt(GOOD, "lines", severity)
     with pytest.raises(DivfastError, match="severity"):
         corruption_parameters("lines", severity, 16, 16, keys=[0])
+
+
+@pytest.mark.parametrize("seed", [1.5, "0", None, True])
+def test_bad_seed(seed):
+    with pytest.raises(DivfastError, match="seed"):
+        corrupt(GOOD, "lines", 4.0, seed=seed)
+    with pytest.raises(DivfastError, match="seed"):
+        corruption_parameters("lines", 4.0, 16, 16, keys=[0], seed=seed)
 
 
 @pytest.mark.parametrize("shape", [(3, 16, 16), (1, 2, 3, 16, 16), (2, 1, 16, 16), (2, 4, 16, 16),
@@ -720,9 +720,6 @@ def test_keys_of_the_wrong_length(keys):
     corrupt(GOOD, "lines", 4.0, keys=torch.tensor([4, 5]))  # a tensor of indices is fine
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "keys of the wrong type raise TypeError from random.derive_seed, not DivfastError (the message "
-    "does name `keys`); the CLI's DivfastError handler would not catch it"))
 @pytest.mark.parametrize("keys", [[0.5, 1.5], [True, False], [None, None]])
 def test_keys_of_the_wrong_type(keys):
     with pytest.raises(DivfastError, match="keys"):
@@ -778,11 +775,6 @@ def test_format_dataset_spec_round_trips():
         format_dataset_spec("fog", 1.0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "format_dataset_spec keeps 4 decimals ('{:.4f}') while derive_seed names an image's stream with 6 "
-    "('{:.6f}'), and parse_dataset_spec accepts any number of decimals: 'plasma1.23456' is generated "
-    "with severity 1.23456 but its canonical spec (e.g. the manifest of `divfast corrupt`, the name "
-    "eval reports) says plasma1.2346, which regenerates other images"))
 def test_canonical_spec_regenerates_the_same_images():
     x = images_u8(2, 24, 24, seed=3)
     spec = format_dataset_spec("plasma", 1.23456)
@@ -790,9 +782,6 @@ def test_canonical_spec_regenerates_the_same_images():
     assert torch.equal(corrupt(x, *parse_dataset_spec(spec), seed=0), original)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "format_dataset_spec does not check the severity: ('lines', 11) gives 'lines11.0' and "
-    "('lines', nan) 'linesnan', specs that parse_dataset_spec rejects"))
 @pytest.mark.parametrize("severity", [11, -1, float("nan")])
 def test_format_dataset_spec_rejects_bad_severity(severity):
     with pytest.raises(DivfastError, match="severity"):

@@ -46,6 +46,16 @@ def _symmetric_pad_index(n: int, radius: int, device) -> torch.Tensor:
     return torch.where(idx >= n, period - 1 - idx, idx)
 
 
+def exact_matmul_dtype(device) -> torch.dtype:
+    """float32, unless float32 matrix products may run in reduced precision (TF32 or bfloat16 after
+    ``torch.set_float32_matmul_precision("high")`` or ``allow_tf32``), which would visibly change
+    the corruptions computed as matrix products: then float64."""
+    reduced = torch.get_float32_matmul_precision() != "highest"
+    if torch.device(device).type == "cuda":
+        reduced = reduced or torch.backends.cuda.matmul.allow_tf32
+    return torch.float64 if reduced else torch.float32
+
+
 def _blur_matrix(n: int, weights: torch.Tensor, device) -> torch.Tensor:
     """(n, n) matrix applying the 1-D filter ``weights`` with half-sample symmetric borders."""
     radius = (weights.numel() - 1) // 2
@@ -69,7 +79,10 @@ def gaussian_blur(field: torch.Tensor, sigma: float, truncate: float = 4.0) -> t
     weights = torch.exp(-0.5 * (taps / sigma) ** 2)
     weights = (weights / weights.sum()).to(field.dtype)
     _, h, w = field.shape
-    return _blur_matrix(h, weights, field.device) @ field @ _blur_matrix(w, weights, field.device).T
+    dtype = exact_matmul_dtype(field.device)
+    weights = weights.to(dtype)
+    out = _blur_matrix(h, weights, field.device) @ field.to(dtype) @ _blur_matrix(w, weights, field.device).T
+    return out.to(field.dtype)
 
 
 TWO_PI = 2.0 * math.pi

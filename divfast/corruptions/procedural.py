@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from divfast.corruptions._common import TWO_PI, per_image, pixel_grid
+from divfast.corruptions._common import TWO_PI, exact_matmul_dtype, per_image, pixel_grid
 from divfast.corruptions.random import device_uniform
 from divfast.corruptions.registry import Corruption, register
 
@@ -129,10 +129,12 @@ def _perlin_noise(perm: torch.Tensor, grads: torch.Tensor, x: torch.Tensor, y: t
     corner = perm.gather(1, lat_x.expand(perm.shape[0], -1)).unsqueeze(-1) + lat_y.view(1, 1, -1)
     table = perm.gather(1, corner.flatten(1))  # (B, X*Y)
     g = grads.gather(1, table.unsqueeze(-1).expand(-1, -1, 2)).view(perm.shape[0], nx, ny, 2)
+    dtype = exact_matmul_dtype(perm.device)
+    x, y, g = x.to(dtype), y.to(dtype), g.to(dtype)
     wx, wx_slope = _lattice_weights(x, nx, False), _lattice_weights(x, nx, True)  # (H, X)
     wy, wy_slope = _lattice_weights(y, ny, False), _lattice_weights(y, ny, True)  # (W, Y)
     noise = wx_slope @ g[..., 0] @ wy.T + wx @ g[..., 1] @ wy_slope.T  # (B, H, W)
-    return 1.5 * noise
+    return (1.5 * noise).to(torch.float32)
 
 
 @register

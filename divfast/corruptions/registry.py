@@ -24,6 +24,7 @@ from divfast.corruptions.random import ImageRandom, derive_seed
 from divfast.errors import DivfastError
 
 MIN_IMAGE_SIZE = 8
+CPU_CHUNK_PIXELS = 1 << 18  # ~5 images of 224 px per call: each float32 temporary ~1 MiB
 
 
 class Corruption:
@@ -83,15 +84,24 @@ def get_corruption(name: str) -> Corruption:
 
 
 def check_severity(severity, option: str = "severity") -> float:
-    """``severity`` as a float in [0, 10], or an error naming ``option``."""
-    try:
-        value = float(severity)
-    except (TypeError, ValueError):
-        raise DivfastError(f"{option}: expected a number in [0, 10], got {severity!r}") from None
+    """``severity`` as a float in [0, 10], or an error naming ``option``. Numbers only (a str or a
+    bool is an error: ``"4"`` in a Python call is more likely a bug than a severity)."""
+    if isinstance(severity, torch.Tensor) and severity.numel() == 1 and severity.dtype != torch.bool:
+        severity = severity.item()  # a 0-d tensor, e.g. from a sweep over severities
+    if isinstance(severity, (bool, np.bool_)) or not isinstance(severity, (int, float, np.integer, np.floating)):
+        raise DivfastError(f"{option}: expected a number in [0, 10], got {severity!r}")
+    value = float(severity)
     if not math.isfinite(value) or not 0.0 <= value <= 10.0:
         raise DivfastError(f"{option}: expected a number in [0, 10] (the reference's scale), "
                            f"got {severity!r}")
     return value
+
+
+def check_seed(seed) -> int:
+    """``seed`` as an int (bools and floats are errors naming ``seed``)."""
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise DivfastError(f"seed: expected an integer, got {seed!r}")
+    return int(seed)
 
 
 _SPEC = re.compile(r"^([a-z][a-z_]*?)[-_@:]?(\d+(?:\.\d*)?|\.\d+)$")
@@ -114,16 +124,21 @@ def parse_dataset_spec(spec: str) -> tuple[str, float]:
         raise DivfastError(f"--dataset: unknown dataset spec {spec!r}; expected 'clean' or "
                            f"<corruption><severity> such as 'lines1.6', with a corruption among: "
                            f"{', '.join(list_corruptions())}")
-    severity = check_severity(match.group(2), option=f"--dataset {spec!r}: severity")
+    severity = check_severity(float(match.group(2)), option=f"--dataset {spec!r}: severity")
     return _ALIASES[match.group(1)], severity
 
 
 def format_dataset_spec(name: str, severity: float) -> str:
-    """The canonical spec string: ``("plasma", 4)`` -> ``"plasma4.0"``; ``("clean", 0)`` -> ``"clean"``."""
+    """The canonical spec string: ``("plasma", 4)`` -> ``"plasma4.0"``; ``("clean", 0)`` -> ``"clean"``.
+
+    Six decimals at most, the precision that seeds the images, so parsing the string back gives
+    the same images.
+    """
     if name == "clean":
         return "clean"
-    text = f"{float(severity):.4f}".rstrip("0")
-    return f"{get_corruption(name).name}{text}0" if text.endswith(".") else f"{get_corruption(name).name}{text}"
+    canonical = get_corruption(name).name
+    text = f"{check_severity(severity):.6f}".rstrip("0")
+    return f"{canonical}{text}0" if text.endswith(".") else f"{canonical}{text}"
 
 
 def _check_keys(keys, batch: int) -> list:
@@ -134,6 +149,10 @@ def _check_keys(keys, batch: int) -> list:
     keys = list(keys)
     if len(keys) != batch:
         raise DivfastError(f"keys: expected one key per image ({batch}), got {len(keys)}")
+    for key in keys:
+        if isinstance(key, (bool, np.bool_)) or not isinstance(key, (int, np.integer, str)):
+            raise DivfastError(f"keys: expected int dataset indices or str relative paths, got "
+                               f"{key!r} ({type(key).__name__})")
     return keys
 
 
@@ -146,6 +165,9 @@ def corruption_parameters(name: str, severity: float, height: int, width: int,
     """
     corruption = get_corruption(name)
     severity = check_severity(severity)
+    seed = check_seed(seed)
+    keys = list(keys.tolist() if isinstance(keys, torch.Tensor) else keys)
+    keys = _check_keys(keys, len(keys))
     per_image = []
     for key in keys:
         rng = ImageRandom(derive_seed(corruption.name, severity, key, seed))
@@ -201,6 +223,7 @@ def corrupt(images: torch.Tensor, name: str, severity: float, seed: int = 0,
     """
     corruption = get_corruption(name)
     severity = check_severity(severity)
+    seed = check_seed(seed)
     _check_images(images)
     batch, _, height, width = images.shape
     keys = _check_keys(keys, batch)
@@ -210,10 +233,13 @@ def corrupt(images: torch.Tensor, name: str, severity: float, seed: int = 0,
     device = images.device
     params = {k: (v.to(device=device, dtype=torch.float32) if v.is_floating_point() else v.to(device))
               for k, v in params.items()}
-    x = images.to(torch.float32)
-    if images.is_floating_point():
-        x = x * 255.0
-    y = corruption.apply(x.contiguous(), params).clamp_(0.0, 255.0)
-    if images.dtype == torch.uint8:
-        return y.round_().to(torch.uint8)
-    return (y / 255.0).to(images.dtype)
+    out = torch.empty_like(images, memory_format=torch.contiguous_format)
+    step = batch if device.type != "cpu" else max(1, CPU_CHUNK_PIXELS // (height * width))
+    for start in range(0, batch, step):  # on CPUs, chunks whose temporaries stay in cache
+        part = {k: v[start:start + step] for k, v in params.items()}
+        x = images[start:start + step].to(torch.float32)
+        if images.is_floating_point():
+            x = x * 255.0
+        y = corruption.apply(x.contiguous(), part).clamp_(0.0, 255.0)
+        out[start:start + step] = y.round_() if images.dtype == torch.uint8 else y / 255.0
+    return out
