@@ -23,6 +23,8 @@ import torch
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
+_MASK = (1 << 64) - 1
+_GOLDEN_INT, _MIX1_INT, _MIX2_INT = int(_GOLDEN), int(_MIX1), int(_MIX2)
 _SEED_VERSION = "divfast.corruptions/1"  # bump only with a documented change of every image
 
 
@@ -54,8 +56,17 @@ class ImageRandom:
     """
 
     def __init__(self, seed: int):
-        self._key = np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF)
+        self._key_int = int(seed) & _MASK
+        self._key = np.uint64(self._key_int)
         self._counter = 0
+
+    def _scalar_bits(self) -> int:
+        """One draw in plain Python integers: the same value as ``_bits(1)``, ~10x cheaper."""
+        self._counter += 1
+        z = (self._key_int + self._counter * _GOLDEN_INT) & _MASK
+        z = ((z ^ (z >> 30)) * _MIX1_INT) & _MASK
+        z = ((z ^ (z >> 27)) * _MIX2_INT) & _MASK
+        return z ^ (z >> 31)
 
     def _bits(self, n: int) -> np.ndarray:
         idx = np.arange(self._counter + 1, self._counter + n + 1, dtype=np.uint64)
@@ -65,13 +76,15 @@ class ImageRandom:
 
     def seed(self) -> int:
         """A 63-bit integer: the seed of a bulk field expanded by :func:`device_uniform`."""
-        return int(self._bits(1)[0] >> np.uint64(1))
+        return self._scalar_bits() >> 1
 
     def random(self, size=None):
         """Uniform floats in [0, 1) with 53 random bits."""
-        n = 1 if size is None else int(np.prod(size))
+        if size is None:
+            return (self._scalar_bits() >> 11) * (1.0 / 9007199254740992.0)
+        n = int(np.prod(size))
         u = (self._bits(n) >> np.uint64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)
-        return float(u[0]) if size is None else u.reshape(size)
+        return u.reshape(size)
 
     def uniform(self, low: float = 0.0, high: float = 1.0, size=None):
         """Uniform floats in [low, high)."""
@@ -83,8 +96,9 @@ class ImageRandom:
         if high <= low:
             raise ValueError(f"integers: expected low < high, got [{low}, {high})")
         u = self.random(size)
-        v = np.minimum(np.floor(low + (high - low) * np.asarray(u)), high - 1).astype(np.int64)
-        return int(v) if size is None else v
+        if size is None:
+            return min(math.floor(low + (high - low) * u), high - 1)
+        return np.minimum(np.floor(low + (high - low) * u), high - 1).astype(np.int64)
 
     def normal(self, size=None):
         """Standard normal floats (Box-Muller; two uniforms per value)."""
