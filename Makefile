@@ -26,7 +26,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -r requirements/bench.txt
-	$(PY) benchmarks/bench_pair_counts.py
+	$(PY) -m benchmarks.bench_pair_counts
 	$(PY) -m benchmarks.bench_corruptions
 
 clean:

@@ -15,10 +15,8 @@ parameters (the CPU part of a batch) and, on a GPU, the synchronisation that end
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -26,6 +24,7 @@ import time
 import numpy as np
 import torch
 
+from benchmarks.common import machine_info
 from divfast.corruptions import corrupt, get_corruption, list_corruptions
 
 # The reference on this machine, one core, ms per 224 px image (issue #3); None where not given.
@@ -33,21 +32,6 @@ RECORDED_REFERENCE_MS = {"plasma": 1040.0, "waterdrop": 600.0, "caustic_refracti
                          "sparkles": 2200.0, "perlin_noise": 900.0, "checkerboard": 71.0, "lines": 8.0}
 TARGET_IMG_S = {"cpu": 100.0, "cuda": 5000.0}
 SEVERITY = 5.0
-
-
-def machine_info() -> dict:
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "cpu": model,
-            "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def time_batch(images: torch.Tensor, name: str, reps: int) -> float:
@@ -114,7 +98,7 @@ def main(argv=None) -> dict:
                            dtype=torch.uint8).to(device)
     classes = load_reference(args.reference) if args.reference else None
     threads = torch.get_num_threads()
-    info = machine_info()
+    info = machine_info(str(device), packages=("skimage",))
     print(f"# divfast corruptions, batch {args.batch} x 3 x {args.size} x {args.size} uint8, "
           f"severity {SEVERITY}, {device}, {threads} threads; {info['cpu']}", flush=True)
     header = (f"{'corruption':28s} {'img/s':>9s} {'ms/img':>8s} {'1-thread img/s':>15s} "

@@ -15,17 +15,16 @@ its API documents (and, for comparison, Python lists).
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
 import os
-import platform
 import statistics
 import time
 
 import numpy as np
 import torch
 
+from benchmarks.common import machine_info
 from divfast._ops import reference
 from divfast._ops._load import has_kernel, load_error, load_extension
 
@@ -40,33 +39,6 @@ def cpu_seconds() -> tuple[float, float, float]:
     own = os.times()
     busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
     return busy, own.user + own.system, time.monotonic()
-
-
-def machine_info(device: str) -> dict:
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu": model,
-        "logical_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-    }
-    try:
-        import deslib
-
-        info["deslib"] = deslib.__version__
-    except ImportError:
-        info["deslib"] = None
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def make_inputs(m: int, n: int, c: int, accuracy: float, seed: int):
@@ -275,7 +247,7 @@ def main(argv=None) -> dict:
         raise SystemExit("--device cuda: no GPU visible or divfast._C built without CUDA")
     op = torch.ops.divfast.pair_counts
     m, n, c = args.members, args.samples, args.classes
-    info = machine_info(args.device)
+    info = machine_info(args.device, packages=("deslib",))
     print(f"pair_counts benchmark: M={m} members, N={n:,} samples, C={c} classes, "
           f"{m * (m - 1) // 2} pairs, repeats={args.repeats}")
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
