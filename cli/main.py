@@ -80,21 +80,29 @@ def info(as_json):
             click.echo(f"{key}: {value}")
 
 
-def _run_eval(members, dataset, data, batch_size, device, as_json, out, progress, workers=0, seed=0,
-              quiet=False):
+def _run_eval(paths, dataset, data, batch_size, device, as_json, out, progress, workers=0, seed=0):
+    """Loads the members at ``paths`` and evaluates them (see :func:`_eval_loaded`)."""
+    from divfast.data import load_members
+
+    loaded = load_members(paths, _device(device))
+    return _eval_loaded(loaded, paths, dataset, data, batch_size, device, as_json, out, progress,
+                        workers, seed)
+
+
+def _eval_loaded(loaded, paths, dataset, data, batch_size, device, as_json, out, progress, workers=0,
+                 seed=0, quiet=False):
+    """Evaluates loaded members on ``dataset``; writes ``out/report.json``; prints unless ``quiet``."""
     from divfast.corruptions import format_dataset_spec, parse_dataset_spec
-    from divfast.data import build_dataset, load_members
+    from divfast.data import build_dataset
     from divfast.ensembles import evaluate
     from divfast.io import ensure_dir, json_safe, write_json_atomic
     from divfast.report import render_eval
 
     spec = format_dataset_spec(*parse_dataset_spec(dataset))
-    dev = _device(device)
-    loaded = load_members(members, dev) if all(isinstance(m, str) for m in members) else members
     ds = build_dataset(spec, data=data, image_size=loaded[0].info.input_size[-1], seed=seed)
-    report = evaluate(loaded, ds, spec, batch_size=batch_size, device=dev, progress=progress,
-                      num_workers=workers)
-    report["member_files"] = [m if isinstance(m, str) else m.name for m in members]
+    report = evaluate(loaded, ds, spec, batch_size=batch_size, device=_device(device),
+                      progress=progress, num_workers=workers)
+    report["member_files"] = list(paths)
     if spec != "clean":
         report["corruption_seed"] = seed
     if out:
@@ -198,10 +206,10 @@ def demo(out, epochs, device):
     cfg = TrainConfig(architectures=_split(DEFAULT_DEMO_MEMBERS), epochs=epochs)
     paths = train_ensemble(cfg, out, device=_device(device), overwrite=True)
     members = load_members(paths, _device(device))
-    reports = [_run_eval(members, "clean", None, 256, device, False, out, True)]
+    reports = [_eval_loaded(members, paths, "clean", None, 256, device, False, out, True)]
     for spec in DEMO_DATASETS:
-        reports.append(_run_eval(members, spec, None, 256, device, False, os.path.join(out, spec),
-                                 True, quiet=True))
+        reports.append(_eval_loaded(members, paths, spec, None, 256, device, False,
+                                    os.path.join(out, spec), True, quiet=True))
     render_accuracy_by_dataset(reports)
 
 

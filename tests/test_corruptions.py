@@ -786,3 +786,26 @@ def test_canonical_spec_regenerates_the_same_images():
 def test_format_dataset_spec_rejects_bad_severity(severity):
     with pytest.raises(DivfastError, match="severity"):
         format_dataset_spec("lines", severity)
+
+
+@pytest.mark.parametrize("name", ["perlin_noise", "caustic_refraction"])
+def test_reduced_precision_matmul_settings_keep_exact_results(name):
+    """The matrix-product corruptions must not crash nor change under TF32/bfloat16 settings: the
+    legacy getter raises once the fp32_precision API is used, and both mean "reduced"."""
+    x = images_u8(2, 24, 28, seed=4)
+    expected = corrupt(x, name, 6.0, seed=2)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        assert torch.equal(corrupt(x, name, 6.0, seed=2), expected)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    matmul = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if matmul is None:
+        pytest.skip("this torch has no fp32_precision API")
+    try:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        assert torch.equal(corrupt(x, name, 6.0, seed=2), expected)
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = matmul
+        torch.set_float32_matmul_precision(before)

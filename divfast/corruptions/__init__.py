@@ -32,6 +32,7 @@ pixels below -2.5 standard deviations, and the refraction offset is rounded to 1
 
 from divfast.corruptions.registry import (
     Corruption,
+    check_seed,
     check_severity,
     corrupt,
     corruption_aliases,
@@ -49,5 +50,5 @@ from divfast.corruptions import warps as _warps  # noqa: E402,F401  waterdrop, c
 from divfast.corruptions import sparkles as _sparkles  # noqa: E402,F401
 from divfast.corruptions import spectral as _spectral  # noqa: E402,F401  blue noise, brownish noise
 
-__all__ = ["Corruption", "check_severity", "corrupt", "corruption_aliases", "corruption_parameters",
+__all__ = ["Corruption", "check_seed", "check_severity", "corrupt", "corruption_aliases", "corruption_parameters",
            "format_dataset_spec", "get_corruption", "list_corruptions", "parse_dataset_spec"]

@@ -47,12 +47,15 @@ def _symmetric_pad_index(n: int, radius: int, device) -> torch.Tensor:
 
 
 def exact_matmul_dtype(device) -> torch.dtype:
-    """float32, unless float32 matrix products may run in reduced precision (TF32 or bfloat16 after
-    ``torch.set_float32_matmul_precision("high")`` or ``allow_tf32``), which would visibly change
-    the corruptions computed as matrix products: then float64."""
-    reduced = torch.get_float32_matmul_precision() != "highest"
-    if torch.device(device).type == "cuda":
-        reduced = reduced or torch.backends.cuda.matmul.allow_tf32
+    """float32, unless float32 matrix products may run in reduced precision (TF32 or bfloat16, set
+    with ``torch.set_float32_matmul_precision``, ``allow_tf32`` or the ``fp32_precision`` flags),
+    which would visibly change the corruptions computed as matrix products: then float64."""
+    try:
+        reduced = torch.get_float32_matmul_precision() != "highest"
+        if torch.device(device).type == "cuda":
+            reduced = reduced or torch.backends.cuda.matmul.allow_tf32
+    except RuntimeError:  # the fp32_precision API is in use; the legacy getters refuse to answer
+        reduced = True
     return torch.float64 if reduced else torch.float32
 
 
@@ -79,7 +82,7 @@ def gaussian_blur(field: torch.Tensor, sigma: float, truncate: float = 4.0) -> t
     weights = torch.exp(-0.5 * (taps / sigma) ** 2)
     weights = (weights / weights.sum()).to(field.dtype)
     _, h, w = field.shape
-    dtype = exact_matmul_dtype(field.device)
+    dtype = torch.promote_types(field.dtype, exact_matmul_dtype(field.device))
     weights = weights.to(dtype)
     out = _blur_matrix(h, weights, field.device) @ field.to(dtype) @ _blur_matrix(w, weights, field.device).T
     return out.to(field.dtype)

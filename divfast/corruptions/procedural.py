@@ -110,10 +110,12 @@ def _lattice_weights(coords: torch.Tensor, size: int, slope: bool) -> torch.Tens
     return out
 
 
-def _perlin_noise(perm: torch.Tensor, grads: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _perlin_noise(perm: torch.Tensor, grads: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                  x_max: float, y_max: float) -> torch.Tensor:
     """Classic 2-D Perlin noise with per-image tables ``perm`` (B, 514) int64 and ``grads``
-    (B, 514, 2), at non-negative coordinates ``x`` (H,) along rows and ``y`` (W,) along columns ->
-    (B, H, W). The reference adds 4096 (a multiple of 256) first; for x >= 0 that changes nothing.
+    (B, 514, 2), at non-negative coordinates ``x`` (H,) along rows and ``y`` (W,) along columns, at
+    most ``x_max`` and ``y_max`` (host numbers, so no device sync) -> (B, H, W). The reference adds
+    4096 (a multiple of 256) first; for x >= 0 that changes nothing.
 
     The reference evaluates, per pixel, ``sum over the 4 cell corners of s_x s_y (r_x g_x + r_y g_y)``
     with ``g`` the gradient at the corner. Every factor but ``g`` depends on the row alone or the
@@ -121,8 +123,8 @@ def _perlin_noise(perm: torch.Tensor, grads: torch.Tensor, x: torch.Tensor, y: t
     ``Wx_slope @ Gx @ Wy^T + Wx @ Gy @ Wy_slope^T``, over the lattice of corner gradients ``G``
     (B, X, Y, 2): no per-pixel table lookups.
     """
-    nx = int(torch.floor(x.max()).item()) + 2  # lattice corners spanned, both axes
-    ny = int(torch.floor(y.max()).item()) + 2
+    nx = math.floor(x_max) + 3  # lattice corners spanned (+1 spare: float32 rounding of x), both axes
+    ny = math.floor(y_max) + 3
     lat_x = torch.arange(nx, device=perm.device) % 256
     lat_y = torch.arange(ny, device=perm.device) % 256
     # The reference's corner (X, Y) uses gradient grads[perm[perm[X] + Y]] (indices mod 256).
@@ -158,7 +160,9 @@ class PerlinNoise(Corruption):
         turbulence = 0.0
         octave = 1.0
         while octave <= 16.0:
-            turbulence = turbulence + _perlin_noise(perm, grads, octave * x, octave * y).abs() / octave
+            noise = _perlin_noise(perm, grads, octave * x, octave * y, octave * (h - 1) / period,
+                                  octave * (w - 1) / period)
+            turbulence = turbulence + noise.abs() / octave
             octave *= 2.0
         noise = (0.5 * turbulence + 0.5).clamp(0.0, 1.0).unsqueeze(1)  # (B, 1, H, W)
         alpha = params["alpha"].view(-1, 1, 1, 1)

@@ -63,7 +63,16 @@ def register(cls: type[Corruption]) -> type[Corruption]:
 
 
 def list_corruptions() -> list[str]:
-    """Canonical corruption names: the paper's four first, then the rest of ImageNet-C-bar."""
+    """Canonical corruption names: the paper's four first, then the rest of ImageNet-C-bar.
+
+    Returns:
+        ``["lines", "plasma", "checkerboard", "waterdrop", "caustic_refraction", ...]``; each is
+        accepted by :func:`corrupt` and in a dataset spec (``"lines1.6"``).
+
+    Example:
+        >>> list_corruptions()[:4]
+        ['lines', 'plasma', 'checkerboard', 'waterdrop']
+    """
     rank = {name: i for i, name in enumerate(_ORDER)}
     return sorted(_REGISTRY, key=lambda name: (rank.get(name, len(rank)), name))
 
@@ -74,7 +83,19 @@ def corruption_aliases() -> dict[str, str]:
 
 
 def get_corruption(name: str) -> Corruption:
-    """The corruption called ``name`` (canonical or alias); an unknown name lists the valid ones."""
+    """The corruption called ``name`` (canonical or alias, any case).
+
+    Returns:
+        The registered :class:`Corruption` (its ``sample`` and ``apply`` are the two halves of
+        :func:`corrupt`).
+
+    Raises:
+        DivfastError: an unknown name; the message lists the valid names and aliases.
+
+    Example:
+        >>> get_corruption("water_drop").name
+        'waterdrop'
+    """
     key = name.strip().lower() if isinstance(name, str) else name
     if key not in _ALIASES:
         raise DivfastError(f"corruption: unknown name {name!r}; expected one of: "
@@ -84,8 +105,9 @@ def get_corruption(name: str) -> Corruption:
 
 
 def check_severity(severity, option: str = "severity") -> float:
-    """``severity`` as a float in [0, 10], or an error naming ``option``. Numbers only (a str or a
-    bool is an error: ``"4"`` in a Python call is more likely a bug than a severity)."""
+    """``severity`` as a float in [0, 10] rounded to six decimals, or an error naming ``option``.
+    Numbers only (a str or a bool is an error: ``"4"`` in a Python call is more likely a bug than a
+    severity)."""
     if isinstance(severity, torch.Tensor) and severity.numel() == 1 and severity.dtype != torch.bool:
         severity = severity.item()  # a 0-d tensor, e.g. from a sweep over severities
     if isinstance(severity, (bool, np.bool_)) or not isinstance(severity, (int, float, np.integer, np.floating)):
@@ -94,7 +116,7 @@ def check_severity(severity, option: str = "severity") -> float:
     if not math.isfinite(value) or not 0.0 <= value <= 10.0:
         raise DivfastError(f"{option}: expected a number in [0, 10] (the reference's scale), "
                            f"got {severity!r}")
-    return value
+    return round(value, 6)  # the precision of seeds and spec strings: 4.0000001 *is* 4.0
 
 
 def check_seed(seed) -> int:
@@ -108,7 +130,17 @@ _SPEC = re.compile(r"^([a-z][a-z_]*?)[-_@:]?(\d+(?:\.\d*)?|\.\d+)$")
 
 
 def parse_dataset_spec(spec: str) -> tuple[str, float]:
-    """``"lines1.6"`` -> ``("lines", 1.6)``; ``"clean"`` -> ``("clean", 0.0)``.
+    """Splits a dataset spec into a canonical corruption name and a severity.
+
+    Args:
+        spec: ``"clean"`` or ``<name><severity>``, e.g. ``"lines1.6"``, ``"plasma_noise4.75"``.
+
+    Returns:
+        ``(name, severity)``: ``"lines1.6"`` -> ``("lines", 1.6)``; ``"clean"`` -> ``("clean", 0.0)``.
+
+    Example:
+        >>> parse_dataset_spec("water_drop7")
+        ('waterdrop', 7.0)
 
     The name may be canonical or an alias (``plasma_noise4.75`` -> ``("plasma", 4.75)``); a
     separator is allowed (``lines-1.6``). Unknown names and severities outside [0, 10] are errors
@@ -159,6 +191,21 @@ def _check_keys(keys, batch: int) -> list:
 def corruption_parameters(name: str, severity: float, height: int, width: int,
                           keys: Sequence[int | str], seed: int = 0) -> dict[str, torch.Tensor]:
     """Every image's parameters, stacked ``(B, ...)`` on the CPU (float64, int64 or bool).
+
+    Args:
+        name: corruption name or alias.
+        severity: float in [0, 10].
+        height, width: the images' size (parameters scale with it).
+        keys: one per image, its dataset index (int) or relative path (str).
+        seed: the user's seed.
+
+    Returns:
+        A dict of tensors, one row per image. Bulk random fields are represented by their seed
+        (``table_seed``, ``phase_seed``), expanded on the device by ``apply``.
+
+    Example:
+        >>> corruption_parameters("lines", 1.6, 224, 224, keys=[0, 1])["row"].shape
+        torch.Size([2, 35])
 
     The same values feed :func:`corrupt` on any device; this is also how tests and users inspect
     what an image received (the reference's ``record=True``).

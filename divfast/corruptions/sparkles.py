@@ -38,7 +38,7 @@ def star_weight(rows, cols, center_row, center_col, ray_lengths, rays, radius, e
     f = d - i
     # Ray k's length and the step to ray k + 1 (indices wrap at each image's ray count), packed as
     # one 64-bit word per ray so one gather fetches both.
-    ext = ray_lengths.gather(1, torch.remainder(torch.arange(MAX_RAYS + 2, device=n.device), n))
+    ext = ray_lengths.float().gather(1, torch.remainder(torch.arange(MAX_RAYS + 2, device=n.device), n))
     table = torch.stack((ext[:, :-1], ext[:, 1:] - ext[:, :-1]), dim=-1).contiguous()  # (B, R+1, 2)
     idx = i.long().clamp_(0, MAX_RAYS).view(b, -1)  # d in [0, rays]: the angle +pi maps to rays
     pair = table.view(torch.int64).view(b, -1).gather(1, idx).view(torch.float32).view(*f.shape, 2)

@@ -54,12 +54,13 @@ class WaterDrop(Corruption):
 
 def caustic_field(time: torch.Tensor, size: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """The reference's caustic pattern (a 5-step iterated trigonometric map, tiled every ``size`` px)
-    in [0, 1] for each image: ``time``, ``size`` (B,) -> (B, H, W) float32.
+    in [0, 1] for each image: ``time``, ``size`` (B,) -> (B, H, W) float64.
 
     Computed in float64: its arguments sit near -250, where float32 keeps only ~1e-5 of the phase,
     and the refraction downstream has two cliffs (the straight-ray cutoff, the rounding of the offset
-    to 1e-3 px) that turn last-bit differences into visible ones. In float64 the result no longer
-    depends on which SIMD lane (batch position) computed it.
+    to 1e-3 px) that turn last-bit differences into visible ones. In float64 (kept through the blur,
+    the normals and the offsets) the result matches the reference's float64 and no longer depends on
+    which SIMD lane (batch position) computed it.
     """
     rows, cols = pixel_grid(height, width, time.device)
     rows, cols = rows.double(), cols.double()
@@ -86,7 +87,7 @@ def caustic_field(time: torch.Tensor, size: torch.Tensor, height: int, width: in
     c = 1.17 - torch.exp(1.4 * torch.log(c / 5.0))  # c >= 1: (c / 5) ** 1.4
     c = c * c
     c = c * c  # |c| ** 8 by squaring: exact, whichever code path runs it
-    return (c * c).clamp(0.0, 1.0).to(torch.float32)
+    return (c * c).clamp(0.0, 1.0)
 
 
 def _refraction_offset(normal_row, normal_col, normal_z, eta: float):
@@ -135,10 +136,10 @@ class CausticRefraction(Corruption):
         n_row, n_col = east - west, south - north
         inv = torch.rsqrt(n_row * n_row + n_col * n_col + 1.0)
         off_row, off_col = _refraction_offset(n_row * inv, n_col * inv, inv, self.eta)
-        lens = per_image(params["lens_scale"])
+        lens = per_image(params["lens_scale"].double())
         off_row = torch.round(off_row * lens, decimals=3)  # the reference rounds the vector to 1e-3
         off_col = torch.round(off_col * lens, decimals=3)
         rows, cols = pixel_grid(h, w, images.device)
-        out = bilinear_sample(images, rows + off_row, cols + off_col)
-        light = per_image(params["lighting"]) * ((north - south) + (east - west))  # (B, H, W)
-        return out + 255.0 * light.unsqueeze(1)
+        out = bilinear_sample(images, (rows + off_row).float(), (cols + off_col).float())
+        light = per_image(params["lighting"].double()) * ((north - south) + (east - west))  # (B, H, W)
+        return out + (255.0 * light).float().unsqueeze(1)

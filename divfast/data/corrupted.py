@@ -13,7 +13,7 @@ import os
 import torch
 from torch.utils.data import Dataset
 
-from divfast.corruptions import check_severity, corrupt, format_dataset_spec, get_corruption
+from divfast.corruptions import check_seed, check_severity, corrupt, format_dataset_spec, get_corruption
 
 
 def sample_keys(dataset: Dataset) -> list[int | str] | None:
@@ -34,13 +34,18 @@ class CorruptedDataset(Dataset):
         name: a corruption name or alias (see :func:`divfast.corruptions.list_corruptions`).
         severity: float in [0, 10].
         seed: the user's seed; with each image's key it fixes the image's parameters.
+
+    Example:
+        >>> from divfast.data import digits_dataset
+        >>> view = CorruptedDataset(digits_dataset("test"), "lines", 1.6, seed=0)
+        >>> image, label = view[0]  # the same image in any batch, worker or process
     """
 
     def __init__(self, base: Dataset, name: str, severity: float, seed: int = 0):
         self.base = base
         self.name = get_corruption(name).name
         self.severity = check_severity(severity)
-        self.seed = int(seed)
+        self.seed = check_seed(seed)
         self.keys = sample_keys(base)
         self.spec = format_dataset_spec(self.name, self.severity)
         if hasattr(base, "classes"):
