@@ -3,6 +3,10 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
+
+#include <string>
+#include <tuple>
 
 namespace divfast {
 
@@ -48,5 +52,36 @@ inline void raise_pair_counts_errors(int flags, int64_t num_classes) {
   TORCH_CHECK_VALUE(!(flags & 4), "pair_counts: label `predictions` have a value outside [0, ",
               num_classes < 0 ? std::string("inf") : std::to_string(num_classes), ")");
 }
+
+// Validates attribution_stats' inputs; returns the normalisation code (kernels::Normalize).
+inline int check_attribution_stats_args(const at::Tensor& attributions, c10::string_view normalize,
+                                        int64_t ddof) {
+  TORCH_CHECK_VALUE(attributions.dim() >= 2,
+                    "attribution_stats: `attributions` must be (M, B, ...) maps of M members for B "
+                    "samples, got shape ", attributions.sizes());
+  const auto dt = attributions.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+                   "attribution_stats: `attributions` must be float16, bfloat16, float32 or float64, "
+                   "got ", dt);
+  TORCH_CHECK_VALUE(attributions.size(0) >= 1,
+                    "attribution_stats: `attributions` needs at least one member (M >= 1)");
+  int code = -1;
+  if (normalize == "none") code = 0;
+  if (normalize == "l1") code = 1;
+  if (normalize == "l2") code = 2;
+  if (normalize == "max") code = 3;
+  TORCH_CHECK_VALUE(code >= 0, "attribution_stats: `normalize` must be one of none, l1, l2, max, got '",
+                    std::string(normalize), "'");
+  TORCH_CHECK_VALUE(ddof == 0 || ddof == 1, "attribution_stats: `ddof` must be 0 or 1, got ", ddof);
+  TORCH_CHECK_VALUE(ddof < attributions.size(0), "attribution_stats: `ddof` = ", ddof,
+                    " needs more than ", ddof, " member(s), got M = ", attributions.size(0));
+  return code;
+}
+
+// Per-sample raw statistics -> the op's outputs (variance (B,), gram (M, M)); shared by the CPU and
+// CUDA hosts, defined in cpu/attribution_stats.cpp so nvcc never compiles ATen's operators.
+std::tuple<at::Tensor, at::Tensor> finish_attribution_stats(const at::Tensor& raw, const at::Tensor& l1,
+                                                            const at::Tensor& amax, int code,
+                                                            int64_t ddof);
 
 }  // namespace divfast

@@ -19,4 +19,12 @@ TORCH_LIBRARY(divfast, m) {
   m.def(
       "pair_counts(Tensor predictions, Tensor target, int num_classes=-1) -> "
       "(Tensor counts, Tensor agreement, Tensor histogram, Tensor correct)");
+  // attributions (M, B, ...) float16/bfloat16/float32/float64: M members' maps of B samples.
+  // abs: take |a| first; normalize: "none" | "l1" | "l2" | "max" (each map divided by its norm; a map
+  // whose norm is 0 stays 0); ddof: 0 (population variance) or 1.
+  // Returns variance (B,) float64, the sum over pixels of the variance across members (paper Eq. 7),
+  // and gram (M, M) float64, sum over samples and pixels of products of the (normalised) maps.
+  m.def(
+      "attribution_stats(Tensor attributions, bool abs=True, str normalize=\"none\", int ddof=0) -> "
+      "(Tensor variance, Tensor gram)");
 }

@@ -20,6 +20,7 @@ class OpCase:
     reference: Callable
     samples: Callable[[torch.device, torch.Generator], list[tuple]]  # positional args per sample
     exact: bool = True  # compare with torch.equal (counts) rather than allclose
+    tolerance: dict | None = None  # assert_close's rtol/atol where not exact
 
 
 def _pair_counts_samples(device, gen):
@@ -36,6 +37,24 @@ def _pair_counts_samples(device, gen):
     ]
 
 
+def _attribution_stats_samples(device, gen):
+    def maps(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype).to(device)
+
+    grad = maps(3, 2, 2, 3, 3, dtype=torch.float64).requires_grad_(True)  # autograd registration
+    return [
+        (maps(3, 4, 3, 5, 7), True, "none", 0),
+        (maps(2, 3, 1, 9, 11, dtype=torch.float64), False, "l2", 1),
+        (maps(5, 2, 3, 4, 4, dtype=torch.float16), True, "l1", 0),
+        (maps(4, 3, 2, 6, 3, dtype=torch.bfloat16), True, "max", 0),
+        (maps(3, 6, 3, 8, 2).transpose(3, 4), True, "l1", 0),  # non-contiguous
+        (maps(2, 0, 3, 4, 4), True, "none", 0),  # empty batch
+        (grad, True, "l2", 0),
+    ]
+
+
 OPS = [
     OpCase("pair_counts", reference.pair_counts, _pair_counts_samples),
+    OpCase("attribution_stats", reference.attribution_stats, _attribution_stats_samples, exact=False,
+           tolerance={"rtol": 1e-5, "atol": 1e-6}),
 ]

@@ -91,3 +91,64 @@ def pair_counts(
     agreement = (labels[:, None, :] == labels[None, :, :]).sum(dim=-1)  # (M, M)
     histogram = torch.bincount(correct.sum(dim=0), minlength=m + 1)
     return counts, agreement, histogram, correct
+
+
+ATTRIBUTION_NORMALIZATIONS = ("none", "l1", "l2", "max")
+_MAP_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_attribution_stats_args(attributions: torch.Tensor, normalize: str, ddof: int) -> None:
+    """The argument checks of ``divfast::attribution_stats`` (same messages as csrc/checks.h)."""
+    if attributions.dim() < 2:
+        raise ValueError("attribution_stats: `attributions` must be (M, B, ...) maps of M members for "
+                         f"B samples, got shape {list(attributions.shape)}")
+    if attributions.dtype not in _MAP_DTYPES:
+        raise TypeError("attribution_stats: `attributions` must be float16, bfloat16, float32 or "
+                        f"float64, got {attributions.dtype}")
+    if attributions.shape[0] < 1:
+        raise ValueError("attribution_stats: `attributions` needs at least one member (M >= 1)")
+    if normalize not in ATTRIBUTION_NORMALIZATIONS:
+        raise ValueError(f"attribution_stats: `normalize` must be one of none, l1, l2, max, got "
+                         f"{normalize!r}")
+    if ddof not in (0, 1):
+        raise ValueError(f"attribution_stats: `ddof` must be 0 or 1, got {ddof}")
+    if ddof >= attributions.shape[0]:
+        raise ValueError(f"attribution_stats: `ddof` = {ddof} needs more than {ddof} member(s), got "
+                         f"M = {attributions.shape[0]}")
+
+
+def attribution_maps(attributions: torch.Tensor, abs: bool, normalize: str) -> torch.Tensor:
+    """The maps the statistics are taken of, float64 (M, B, D): ``|a|`` if ``abs``, each map then
+    divided by its l1 norm, l2 norm or largest absolute value (a map whose norm is 0 stays 0).
+    Differentiable: the op's backward runs through it."""
+    m, b = attributions.shape[:2]
+    d = 1
+    for size in attributions.shape[2:]:
+        d *= size
+    x = attributions.reshape(m, b, d).to(torch.float64)
+    if abs:
+        x = x.abs()
+    if normalize == "none" or x.shape[-1] == 0:
+        return x
+    if normalize == "l1":
+        norm = x.abs().sum(dim=-1, keepdim=True)
+    elif normalize == "l2":
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    else:
+        norm = x.abs().amax(dim=-1, keepdim=True)
+    return torch.where(norm > 0, x / torch.where(norm > 0, norm, 1.0), torch.zeros_like(x))
+
+
+def attribution_stats(attributions: torch.Tensor, abs: bool = True, normalize: str = "none",
+                      ddof: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of ``divfast::attribution_stats``; see
+    :func:`divfast._ops.attribution_stats.attribution_stats`."""
+    check_attribution_stats_args(attributions, normalize, ddof)
+    if attributions.numel() and not torch.isfinite(attributions).all():
+        raise ValueError("attribution_stats: `attributions` contain NaN or infinity")
+    x = attribution_maps(attributions, abs, normalize)  # (M, B, D) float64
+    m = x.shape[0]
+    centred = x - x.mean(dim=0, keepdim=True)
+    variance = (centred * centred).sum(dim=(0, 2)) / (m - ddof)  # (B,)
+    flat = x.reshape(m, -1)
+    return variance, flat @ flat.T  # (B,), (M, M)

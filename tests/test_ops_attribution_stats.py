@@ -1,0 +1,192 @@
+"""``divfast::attribution_stats``: the compiled kernel against the pure-PyTorch reference, the Gram
+subset identity, gradients (gradcheck on the real kernel), bad input.
+
+Every test draws fresh inputs from the seeded ``gen`` fixture and runs on each device of ``device``.
+The reference itself is checked against a direct formula (``torch.var`` over members), so a shared
+mistake of kernel and reference would still be caught.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+import divfast._ops._load as load
+import divfast._ops.attribution_stats as as_module
+from divfast._ops import reference
+
+NORMS = ("none", "l1", "l2", "max")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
+
+
+def kernel(*args):
+    assert load.load_extension(), f"divfast._C is not loaded: {load.load_error()}"
+    return torch.ops.divfast.attribution_stats(*args)
+
+
+def maps(gen, *shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype).to(device)
+
+
+def assert_matches(got, want, dtype):
+    tol = TOL[dtype]
+    for name, g, w in zip(("variance", "gram"), got, want):
+        assert g.dtype == torch.float64 and g.shape == w.shape and g.device == w.device, name
+        scale = w.abs().max().item() if w.numel() else 1.0
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol * max(scale, 1e-12), msg=name)
+
+
+def direct(a, abs_, normalize, ddof):
+    """Eq. 7 written out: torch.var over the member axis, summed over pixels; Gram by einsum."""
+    x = a.double().flatten(2)
+    if abs_:
+        x = x.abs()
+    if normalize != "none":
+        norm = {"l1": x.abs().sum(-1), "l2": x.norm(dim=-1), "max": x.abs().amax(-1)}[normalize]
+        x = x / norm.clamp_min(1e-300).unsqueeze(-1)
+    return x.var(dim=0, correction=ddof).sum(-1), torch.einsum("ibd,jbd->ij", x, x)
+
+
+def test_reference_matches_direct_formula(gen):
+    a = maps(gen, 4, 5, 3, 6, 7, dtype=torch.float64)
+    for abs_, norm, ddof in itertools.product((True, False), NORMS, (0, 1)):
+        got = reference.attribution_stats(a, abs_, norm, ddof)
+        want = direct(a, abs_, norm, ddof)
+        torch.testing.assert_close(got[0], want[0])
+        torch.testing.assert_close(got[1], want[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("norm", NORMS)
+def test_kernel_matches_reference(device, gen, dtype, norm):
+    # odd sizes: M odd and even, pixel counts below, at and above the kernel's block and chunk sizes
+    for shape in [(3, 4, 3, 5, 7), (14, 3, 3, 9, 11), (2, 2, 1, 128, 1), (5, 2, 3, 70, 80),
+                  (1, 3, 3, 4, 4), (32, 2, 1, 33, 1), (33, 2, 1, 10, 3)]:
+        a = maps(gen, *shape, dtype=dtype, device=device)
+        for abs_, ddof in [(True, 0), (False, 1 if shape[0] > 1 else 0)]:
+            assert_matches(kernel(a, abs_, norm, ddof), reference.attribution_stats(a, abs_, norm, ddof),
+                           dtype)
+
+
+def test_non_contiguous_and_trailing_shapes(device, gen):
+    a = maps(gen, 3, 4, 3, 8, 6, device=device)
+    views = [a.transpose(3, 4), a[:, :, :, ::2], a.permute(1, 0, 2, 3, 4).contiguous().permute(1, 0, 2, 3, 4),
+             a.flatten(2), a.flatten(2)[..., None]]
+    for v in views:
+        assert not v.is_contiguous() or v.dim() != 5
+        assert_matches(kernel(v, True, "l2", 0), reference.attribution_stats(v.contiguous(), True, "l2", 0),
+                       torch.float32)
+
+
+def test_empty_inputs(device, gen):
+    v, g = kernel(maps(gen, 3, 0, 3, 4, 4, device=device), True, "none", 0)
+    assert v.shape == (0,) and g.shape == (3, 3) and not g.any()
+    v, g = kernel(torch.zeros(3, 2, 0, device=device), True, "l1", 0)  # maps with no pixels
+    assert v.shape == (2,) and not v.any() and not g.any()
+
+
+def test_single_member_has_zero_variance(device, gen):
+    a = maps(gen, 1, 5, 3, 6, 6, device=device)
+    for norm in NORMS:
+        v, g = kernel(a, True, norm, 0)
+        assert torch.equal(v, torch.zeros_like(v))
+        assert g.shape == (1, 1) and g.item() > 0
+
+
+def test_identical_members_and_zero_maps(device, gen):
+    a = maps(gen, 1, 3, 2, 5, 5, device=device).expand(4, -1, -1, -1, -1)
+    v, _ = kernel(a, True, "none", 0)
+    assert v.abs().max().item() <= 1e-9 * (a.double() ** 2).sum().item()
+    zero = torch.zeros(3, 2, 3, 4, 4, device=device)
+    for norm in NORMS:  # a zero map stays zero under every normalisation: no NaN
+        v, g = kernel(zero, True, norm, 0)
+        assert torch.equal(v, torch.zeros_like(v)) and torch.equal(g, torch.zeros_like(g))
+
+
+def test_gram_gives_every_subsets_variance(device, gen):
+    """sum Var_S = (1/|S|) sum_{i in S} G_ii - (1/|S|^2) sum_{i,j in S} G_ij, for every subset S."""
+    a = maps(gen, 5, 6, 3, 7, 7, device=device, dtype=torch.float64)
+    for norm in NORMS:
+        _, gram = kernel(a, True, norm, 0)
+        for k in (1, 2, 3, 5):
+            for subset in itertools.combinations(range(5), k):
+                idx = torch.tensor(subset, device=device)
+                sub = gram[idx][:, idx]
+                from_gram = sub.diagonal().sum() / k - sub.sum() / k**2
+                direct_sum = kernel(a[idx], True, norm, 0)[0].sum()
+                torch.testing.assert_close(from_gram, direct_sum, rtol=1e-9, atol=1e-12)
+
+
+def test_results_do_not_depend_on_thread_count(gen):
+    a = maps(gen, 6, 8, 3, 40, 50)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernel(a, True, "l1", 0)
+        torch.set_num_threads(max(2, threads))
+        many = kernel(a, True, "l1", 0)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("abs_", [True, False])
+def test_gradcheck_on_the_kernel(device, gen, norm, abs_):
+    # values away from 0 (|.| kink) and one clear maximum per map (max normalisation)
+    a = (maps(gen, 3, 2, 2, 3, 3, dtype=torch.float64, device=device).abs() + 0.1)
+    a = (a * torch.where(torch.rand(a.shape, generator=gen).to(device) < 0.5, -1.0, 1.0)).requires_grad_(True)
+    for ddof in (0, 1):
+        assert torch.autograd.gradcheck(lambda t: kernel(t, abs_, norm, ddof), (a,), eps=1e-6, atol=1e-6)
+
+
+def test_backward_matches_reference_autograd(device, gen):
+    a = maps(gen, 4, 3, 2, 5, 5, dtype=torch.float64, device=device)
+    wv = torch.rand(3, generator=gen, dtype=torch.float64).to(device)
+    wg = torch.rand(4, 4, generator=gen, dtype=torch.float64).to(device)
+    for norm in NORMS:
+        grads = []
+        for fn in (kernel, reference.attribution_stats):
+            x = a.clone().requires_grad_(True)
+            v, g = fn(x, True, norm, 1)
+            ((v * wv).sum() + (g * wg).sum()).backward()
+            grads.append(x.grad)
+        torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_maps_are_an_error(device, gen, bad):
+    a = maps(gen, 3, 2, 3, 9, 9, device=device)
+    a[1, 1, 2, 8, 3] = bad
+    with pytest.raises(ValueError, match="attributions.*NaN or infinity"):
+        kernel(a, True, "none", 0)
+    with pytest.raises(ValueError, match="attributions.*NaN or infinity"):
+        reference.attribution_stats(a, True, "none", 0)
+
+
+@pytest.mark.parametrize("args, error, match", [
+    ((torch.zeros(3),), ValueError, "attributions.*M, B"),
+    ((torch.zeros(3, 2, 4, dtype=torch.int64),), TypeError, "attributions.*float"),
+    ((torch.zeros(0, 2, 4),), ValueError, "at least one member"),
+    ((torch.zeros(3, 2, 4), True, "l3"), ValueError, "normalize"),
+    ((torch.zeros(3, 2, 4), True, "none", 2), ValueError, "ddof"),
+    ((torch.zeros(1, 2, 4), True, "none", 1), ValueError, "ddof.*M = 1"),
+])
+def test_bad_arguments(args, error, match):
+    for fn in (kernel, reference.attribution_stats):
+        with pytest.raises(error, match=match):
+            fn(*args)
+
+
+def test_wrapper_uses_the_kernel_and_falls_back(monkeypatch, gen):
+    a = maps(gen, 3, 2, 3, 4, 4)
+    calls = []
+    original = reference.attribution_stats
+    monkeypatch.setattr(as_module.reference, "attribution_stats",
+                        lambda *args: calls.append(args) or original(*args))
+    as_module.attribution_stats(a)
+    assert calls == [], "the compiled kernel should have run"
+    monkeypatch.setattr(as_module, "use_kernel", lambda op, device: False)
+    as_module.attribution_stats(a)
+    assert len(calls) == 1
