@@ -11,10 +11,13 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "prediction_diversity": "divfast.functional",
+    "attribution_diversity": "divfast.functional",
     "PredictionDiversity": "divfast.metrics",
+    "AttributionDiversity": "divfast.metrics",
 }
 
-__all__ = ["PredictionDiversity", "prediction_diversity", "__version__"]
+__all__ = ["AttributionDiversity", "PredictionDiversity", "attribution_diversity", "prediction_diversity",
+           "__version__"]
 
 
 def __getattr__(name):

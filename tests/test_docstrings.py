@@ -11,6 +11,8 @@ MODULES = [
     "divfast.corruptions",
     "divfast.corruptions.registry",
     "divfast.data.corrupted",
+    "divfast.functional.attribution",
+    "divfast.metrics.attribution",
 ]
 
 

@@ -1,5 +1,6 @@
 """Stateful, additive metrics: update / compute / merge / sync / state_dict."""
 
+from divfast.metrics.attribution import AttributionDiversity
 from divfast.metrics.prediction import PredictionDiversity
 
-__all__ = ["PredictionDiversity"]
+__all__ = ["AttributionDiversity", "PredictionDiversity"]
