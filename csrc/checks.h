@@ -78,10 +78,10 @@ inline int check_attribution_stats_args(const at::Tensor& attributions, c10::str
   return code;
 }
 
-// Per-sample raw statistics -> the op's outputs (variance (B,), gram (M, M)); shared by the CPU and
-// CUDA hosts, defined in cpu/attribution_stats.cpp so nvcc never compiles ATen's operators.
-std::tuple<at::Tensor, at::Tensor> finish_attribution_stats(const at::Tensor& raw, const at::Tensor& l1,
-                                                            const at::Tensor& amax, int code,
-                                                            int64_t ddof);
+// Shared by the CPU and CUDA hosts, defined in cpu/attribution_stats.cpp so nvcc never compiles
+// ATen's operators. finish: per-sample centred products (B, M, M) -> (variance (B,), gram (M, M)).
+std::tuple<at::Tensor, at::Tensor> finish_attribution_stats(const at::Tensor& centred, int64_t ddof);
+// 1 / norm of every map (B, M) float64: 1 without a normalisation, 0 for a map whose norm is 0.
+at::Tensor inverse_map_norms(const at::Tensor& maps, int code);
 
 }  // namespace divfast

@@ -45,7 +45,8 @@ def direct(a, abs_, normalize, ddof):
     if normalize != "none":
         norm = {"l1": x.abs().sum(-1), "l2": x.norm(dim=-1), "max": x.abs().amax(-1)}[normalize]
         x = x / norm.clamp_min(1e-300).unsqueeze(-1)
-    return x.var(dim=0, correction=ddof).sum(-1), torch.einsum("ibd,jbd->ij", x, x)
+    c = x - x.mean(dim=0, keepdim=True)  # the Gram is of the maps centred per pixel on the mean
+    return x.var(dim=0, correction=ddof).sum(-1), torch.einsum("ibd,jbd->ij", c, c)
 
 
 def test_reference_matches_direct_formula(gen):
@@ -91,7 +92,7 @@ def test_single_member_has_zero_variance(device, gen):
     for norm in NORMS:
         v, g = kernel(a, True, norm, 0)
         assert torch.equal(v, torch.zeros_like(v))
-        assert g.shape == (1, 1) and g.item() > 0
+        assert g.shape == (1, 1) and g.item() == 0  # the centred map of a lone member is 0
 
 
 def test_identical_members_and_zero_maps(device, gen):
@@ -116,6 +117,24 @@ def test_gram_gives_every_subsets_variance(device, gen):
                 from_gram = sub.diagonal().sum() / k - sub.sum() / k**2
                 direct_sum = kernel(a[idx], True, norm, 0)[0].sum()
                 torch.testing.assert_close(from_gram, direct_sum, rtol=1e-9, atol=1e-12)
+
+
+def test_members_that_differ_by_a_small_fraction(device):
+    """Centring before the products: members 1 and 1 + 2**-12 (exact in float32) differ by a
+    variance of 2**-26 per pixel pair, which a Gram of the raw maps would lose to cancellation."""
+    for dtype in (torch.float32, torch.float64):  # (1 + 2**-12 is not a float16)
+        a = torch.tensor([1.0, 1.0 + 2**-12], dtype=dtype, device=device).view(2, 1, 1).expand(2, 1, 256)
+        v, g = kernel(a.contiguous(), True, "none", 0)
+        torch.testing.assert_close(v, torch.full_like(v, 256 * 2**-26), rtol=1e-6, atol=0)
+        torch.testing.assert_close(g.diagonal().sum(), 2 * v.sum(), rtol=1e-12, atol=0)  # trace = M var
+    gen = torch.Generator().manual_seed(3)
+    base = torch.rand(1, 4, 3, 32, 32, generator=gen, dtype=torch.float64) * 3
+    a = base * (1 + 1e-4 * torch.randn(4, 4, 3, 32, 32, generator=gen, dtype=torch.float64))
+    want = reference.attribution_stats(a, True, "none", 0)[0]
+    got = kernel(a.float().to(device), True, "none", 0)[0]
+    want32 = reference.attribution_stats(a.float(), True, "none", 0)[0]  # the float32 maps' truth
+    torch.testing.assert_close(got.cpu(), want32, rtol=1e-4, atol=0)
+    torch.testing.assert_close(want32, want, rtol=1e-2, atol=0)  # float32 rounding of the inputs
 
 
 def test_results_do_not_depend_on_thread_count(gen):

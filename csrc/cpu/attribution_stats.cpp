@@ -1,11 +1,14 @@
-// CPU kernel of divfast::attribution_stats: one read of the maps, per-sample products of every member
-// pair, then a tiny finish (normalisation, variance, Gram) shared with the CUDA host.
+// CPU kernel of divfast::attribution_stats: per-sample products of every member pair of the maps,
+// centred at each pixel on the members' mean, from one read of the maps (two with a normalisation,
+// whose norms come first).
 //
 // Work items are (sample, chunk of pixels). An item streams its chunk in blocks of kBlock pixels: the
-// M members' blocks are converted (and |.|'d) into a small L1-resident buffer, then every member pair's
-// dot product over the block is formed in the accumulation type (float for 16/32-bit maps, double for
-// float64) in 2x2 register blocks, and added to the item's float64 sums. Sums per item are reduced in
-// a fixed order, so results do not depend on the thread count.
+// M members' blocks are converted (|.|, times 1/norm) into a small L1-resident buffer, centred per
+// pixel, and every member pair's dot product over the block is formed in the accumulation type (float
+// for 16/32-bit maps, double for float64) in register tiles, then added to the item's float64 sums.
+// Centring first makes the variance a sum of squares (no cancellation between large Gram entries),
+// so members that differ by 1e-4 of their values still get an accurate diversity. Sums per item are
+// reduced in a fixed order, so results do not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -14,31 +17,82 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "checks.h"
 
 namespace divfast {
 
-std::tuple<at::Tensor, at::Tensor> finish_attribution_stats(const at::Tensor& raw, const at::Tensor& l1,
-                                                            const at::Tensor& amax, int code,
-                                                            int64_t ddof) {
-  const int64_t m = raw.size(1);
-  at::Tensor q = raw;
-  if (code != 0) {
-    at::Tensor norm = code == 1 ? l1 : code == 2 ? raw.diagonal(0, 1, 2).sqrt() : amax;  // (B, M)
-    at::Tensor inv = at::where(norm > 0, norm.reciprocal(), at::zeros_like(norm));
-    q = raw * inv.unsqueeze(2) * inv.unsqueeze(1);  // a map scaled by 1/n_i: products by 1/(n_i n_j)
-  }
-  // Sum over pixels of the variance across members: (sum_m Q_mm - sum_ij Q_ij / M) / (M - ddof).
-  at::Tensor variance = (q.diagonal(0, 1, 2).sum(-1) - q.sum({1, 2}) / static_cast<double>(m)) /
-                        static_cast<double>(m - ddof);
-  return {variance.clamp_min(0.0), q.sum(0)};
+std::tuple<at::Tensor, at::Tensor> finish_attribution_stats(const at::Tensor& centred, int64_t ddof) {
+  // centred (B, M, M): products of the maps centred on the members' mean. Its trace is the sum over
+  // pixels of the squared deviations: the variance times (M - ddof).
+  const int64_t m = centred.size(1);
+  at::Tensor variance = centred.diagonal(0, 1, 2).sum(-1) / static_cast<double>(m - ddof);
+  return {variance, centred.sum(0)};
 }
 
 namespace {
 
-constexpr int64_t kBlock = 128;   // pixels per block: M * kBlock values stay in L1
+// Norm of each map (B, M): l1 = sum |a|, l2 = sqrt(sum a^2), max = max |a|; one read of the maps.
+template <typename scalar_t>
+void map_norms_cpu(const scalar_t* x, int64_t m, int64_t b, int64_t d, int code, double* out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, m * b, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {  // row = member * B + sample
+      const scalar_t* src = x + row * d;
+      double total = 0;
+      for (int64_t p0 = 0; p0 < d; p0 += 4096) {  // float partial sums, float64 across blocks
+        const int64_t n = std::min<int64_t>(4096, d - p0);
+        acc_t part = 0;
+        if (code == 3) {
+#pragma omp simd reduction(max : part)
+          for (int64_t k = 0; k < n; ++k) part = std::max(part, std::abs(static_cast<acc_t>(src[p0 + k])));
+          total = std::max(total, static_cast<double>(part));
+        } else if (code == 2) {
+#pragma omp simd reduction(+ : part)
+          for (int64_t k = 0; k < n; ++k) part += static_cast<acc_t>(src[p0 + k]) * static_cast<acc_t>(src[p0 + k]);
+          total += part;
+        } else {
+#pragma omp simd reduction(+ : part)
+          for (int64_t k = 0; k < n; ++k) part += std::abs(static_cast<acc_t>(src[p0 + k]));
+          total += part;
+        }
+      }
+      out[(row % b) * m + row / b] = code == 2 ? std::sqrt(total) : total;
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor inverse_map_norms(const at::Tensor& maps, int code) {
+  // maps (M, B, D) contiguous -> 1 / norm (B, M) float64 (1 without a normalisation; 0 for a zero map).
+  const int64_t m = maps.size(0), b = maps.size(1), d = maps.size(2);
+  const auto f64 = maps.options().dtype(at::kDouble);
+  if (code == 0) return at::ones({b, m}, f64);
+  at::Tensor norm;
+  if (maps.is_cpu()) {
+    norm = at::empty({b, m}, f64);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, maps.scalar_type(), "map_norms_cpu", [&] {
+      map_norms_cpu<scalar_t>(maps.const_data_ptr<scalar_t>(), m, b, d, code, norm.data_ptr<double>());
+    });
+  } else {  // CUDA: torch's reductions, accumulating in float (float64 for float64 maps)
+    const double ord = code == 1 ? 1.0 : code == 2 ? 2.0 : std::numeric_limits<double>::infinity();
+    const auto acc = maps.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    norm = at::linalg_vector_norm(maps, ord, {2}, false, acc).to(at::kDouble).t().contiguous();
+  }
+  return at::where(norm > 0, norm.reciprocal(), at::zeros_like(norm)).contiguous();
+}
+
+namespace {
+
+constexpr int64_t kBlock = 256;   // pixels per block: M * kBlock values stay in L1
 constexpr int64_t kChunk = 8192;  // pixels per work item
 
 #define DIVFAST_INLINE inline __attribute__((always_inline))
@@ -92,32 +146,100 @@ DIVFAST_INLINE void add_block_products(const acc_t* buf, int64_t m, int64_t n, d
   if (i < m) raw[i * m + i] += dot1(buf + i * kBlock, buf + i * kBlock, n);
 }
 
-// One work item: pixels [lo, hi) of sample s, into its own products r (M x M), l1 and max sums.
-// Returns whether a NaN or an infinity was seen.
-template <typename scalar_t, typename acc_t>
+#if defined(__x86_64__)
+__attribute__((target("avx2"), always_inline)) inline float hsum8(__m256 v) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+
+// One R x C tile of member pairs (rows i0.., columns j0..) over a block of nvec * 8 floats: R * C
+// accumulators and R + C row vectors stay in registers (at most 9 + 6 of AVX2's 16).
+template <int R, int C>
+__attribute__((target("avx2,fma"), always_inline)) inline void tile_f32_avx2(
+    const float* buf, int64_t m, int64_t nvec, int64_t i0, int64_t j0, double* raw) {
+  __m256 acc[R][C];
+  for (int di = 0; di < R; ++di)
+    for (int dj = 0; dj < C; ++dj) acc[di][dj] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < nvec * 8; k += 8) {
+    __m256 x[R], y[C];
+    for (int di = 0; di < R; ++di) x[di] = _mm256_loadu_ps(buf + (i0 + di) * kBlock + k);
+    for (int dj = 0; dj < C; ++dj) y[dj] = _mm256_loadu_ps(buf + (j0 + dj) * kBlock + k);
+    for (int di = 0; di < R; ++di)
+      for (int dj = 0; dj < C; ++dj) acc[di][dj] = _mm256_fmadd_ps(x[di], y[dj], acc[di][dj]);
+  }
+  for (int di = 0; di < R; ++di)
+    for (int dj = 0; dj < C; ++dj)
+      if (i0 + di <= j0 + dj) raw[(i0 + di) * m + j0 + dj] += hsum8(acc[di][dj]);
+}
+
+// The float path's hot loop: products of every member pair over one block (M rows of nvec * 8
+// floats, zero-padded, row stride kBlock) added to raw (upper triangle, float64), in 3 x 3 tiles of
+// pairs: 9 FMAs per 6 loads, so the loop runs at the FMA units' rate rather than the loads'. Tiles
+// at the edge of the triangle are 3 x 2, 2 x 1, ... of the same kind.
+__attribute__((target("avx2,fma"))) void gram_block_f32_avx2(const float* buf, int64_t m, int64_t nvec,
+                                                             double* raw) {
+  for (int64_t i0 = 0; i0 < m; i0 += 3) {
+    const int64_t rows = std::min<int64_t>(3, m - i0);
+    for (int64_t j0 = i0; j0 < m; j0 += 3) {
+      const int64_t cols = std::min<int64_t>(3, m - j0);
+      switch (rows * 4 + cols) {
+        case 15: tile_f32_avx2<3, 3>(buf, m, nvec, i0, j0, raw); break;
+        case 14: tile_f32_avx2<3, 2>(buf, m, nvec, i0, j0, raw); break;
+        case 13: tile_f32_avx2<3, 1>(buf, m, nvec, i0, j0, raw); break;
+        case 11: tile_f32_avx2<2, 3>(buf, m, nvec, i0, j0, raw); break;
+        case 10: tile_f32_avx2<2, 2>(buf, m, nvec, i0, j0, raw); break;
+        case 9: tile_f32_avx2<2, 1>(buf, m, nvec, i0, j0, raw); break;
+        case 7: tile_f32_avx2<1, 3>(buf, m, nvec, i0, j0, raw); break;
+        case 6: tile_f32_avx2<1, 2>(buf, m, nvec, i0, j0, raw); break;
+        default: tile_f32_avx2<1, 1>(buf, m, nvec, i0, j0, raw); break;
+      }
+    }
+  }
+}
+#endif
+
+// One work item: pixels [lo, hi) of sample s into its own centred products r (M x M, upper
+// triangle). inv: 1 / norm of each member's map for this sample. Returns whether a NaN or an infinity
+// was seen (|a| summed per row: NaN or inf iff some value is).
+template <typename scalar_t, typename acc_t, bool kAvx2>
 DIVFAST_INLINE bool item_impl(const scalar_t* x, int64_t m, int64_t b, int64_t d, int64_t s, int64_t lo,
-                              int64_t hi, bool take_abs, acc_t* buf, double* r, double* pl1,
-                              double* pmax) {
+                              int64_t hi, bool take_abs, const acc_t* inv, acc_t* buf, double* r) {
   bool bad = false;
+  acc_t* mean = buf + m * kBlock;
+  const acc_t inv_m = acc_t(1) / static_cast<acc_t>(m);
   for (int64_t p0 = lo; p0 < hi; p0 += kBlock) {
     const int64_t n = std::min(kBlock, hi - p0);
+    const int64_t padded = (n + 7) / 8 * 8;  // whole vectors for the tiles
+    for (int64_t k = 0; k < padded; ++k) mean[k] = 0;
     for (int64_t i = 0; i < m; ++i) {
       const scalar_t* src = x + (i * b + s) * d + p0;
       acc_t* dst = buf + i * kBlock;
-      acc_t sum_abs = 0, mx = 0, check = 0;
-#pragma omp simd reduction(+ : sum_abs, check) reduction(max : mx)
+      const acc_t scale = inv[i];
+      acc_t sum_abs = 0;
+#pragma omp simd reduction(+ : sum_abs)
       for (int64_t k = 0; k < n; ++k) {
         const acc_t v = static_cast<acc_t>(src[k]);
         const acc_t a = std::abs(v);
-        dst[k] = take_abs ? a : v;
         sum_abs += a;
-        mx = std::max(mx, a);
-        check += v * acc_t(0);  // NaN for a NaN or an infinity, else 0
+        dst[k] = (take_abs ? a : v) * scale;
+        mean[k] += dst[k];
       }
-      pl1[i] += sum_abs;
-      pmax[i] = std::max(pmax[i], static_cast<double>(mx));
-      bad |= check != check;
+      for (int64_t k = n; k < padded; ++k) dst[k] = 0;
+      bad |= !std::isfinite(sum_abs);
     }
+    for (int64_t i = 0; i < m; ++i) {  // centre each pixel on the members' mean
+      acc_t* row = buf + i * kBlock;
+#pragma omp simd
+      for (int64_t k = 0; k < n; ++k) row[k] -= mean[k] * inv_m;
+    }
+#if defined(__x86_64__)
+    if constexpr (kAvx2 && std::is_same_v<acc_t, float>) {
+      gram_block_f32_avx2(buf, m, padded / 8, r);
+      continue;
+    }
+#endif
     add_block_products(buf, m, n, r);
   }
   return bad;
@@ -125,8 +247,8 @@ DIVFAST_INLINE bool item_impl(const scalar_t* x, int64_t m, int64_t b, int64_t d
 
 #define DIVFAST_ITEM_ARGS(scalar_t, acc_t)                                                        \
   const scalar_t *x, int64_t m, int64_t b, int64_t d, int64_t s, int64_t lo, int64_t hi,        \
-      bool take_abs, acc_t *buf, double *r, double *pl1, double *pmax
-#define DIVFAST_ITEM_CALL x, m, b, d, s, lo, hi, take_abs, buf, r, pl1, pmax
+      bool take_abs, const acc_t *inv, acc_t *buf, double *r
+#define DIVFAST_ITEM_CALL x, m, b, d, s, lo, hi, take_abs, inv, buf, r
 
 #if defined(__x86_64__)
 bool cpu_has_avx2_fma() {
@@ -136,7 +258,7 @@ bool cpu_has_avx2_fma() {
 
 template <typename scalar_t, typename acc_t>
 __attribute__((target("avx2,fma"))) bool item_avx2(DIVFAST_ITEM_ARGS(scalar_t, acc_t)) {
-  return item_impl(DIVFAST_ITEM_CALL);
+  return item_impl<scalar_t, acc_t, true>(DIVFAST_ITEM_CALL);
 }
 #endif
 
@@ -145,40 +267,38 @@ bool item(DIVFAST_ITEM_ARGS(scalar_t, acc_t)) {
 #if defined(__x86_64__)
   if (cpu_has_avx2_fma()) return item_avx2<scalar_t, acc_t>(DIVFAST_ITEM_CALL);
 #endif
-  return item_impl(DIVFAST_ITEM_CALL);
+  return item_impl<scalar_t, acc_t, false>(DIVFAST_ITEM_CALL);
 }
 
 template <typename scalar_t>
 void attribution_stats_kernel(const scalar_t* x, int64_t m, int64_t b, int64_t d, bool take_abs,
-                              double* raw, double* l1, double* amax, bool* nonfinite) {
+                              const double* inv_norms, double* centred, bool* nonfinite) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t chunks = std::max<int64_t>(1, (d + kChunk - 1) / kChunk);
   const int64_t items = b * chunks;
-  // Per item: M*M products, M l1 sums, M maxima; reduced per sample afterwards in chunk order.
-  std::vector<double> part_raw(items * m * m, 0.0), part_l1(items * m, 0.0), part_max(items * m, 0.0);
+  std::vector<acc_t> inv(b * m);
+  for (int64_t k = 0; k < b * m; ++k) inv[k] = static_cast<acc_t>(inv_norms[k]);
+  // Per item: M*M products, reduced per sample afterwards in chunk order.
+  std::vector<double> part(items * m * m, 0.0);
   std::vector<char> part_bad(items, 0);
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf(m * kBlock);
+    std::vector<acc_t> buf((m + 1) * kBlock);  // M rows and the per-pixel mean
     for (int64_t it = begin; it < end; ++it) {
       const int64_t s = it / chunks, c = it % chunks;
       const int64_t lo = c * kChunk, hi = std::min(d, lo + kChunk);
-      part_bad[it] = item<scalar_t, acc_t>(x, m, b, d, s, lo, hi, take_abs, buf.data(),
-                                           part_raw.data() + it * m * m, part_l1.data() + it * m,
-                                           part_max.data() + it * m);
+      part_bad[it] = item<scalar_t, acc_t>(x, m, b, d, s, lo, hi, take_abs, inv.data() + s * m,
+                                           buf.data(), part.data() + it * m * m);
     }
   });
   for (int64_t s = 0; s < b; ++s) {
+    double* out = centred + s * m * m;
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t it = s * chunks + c;
-      for (int64_t k = 0; k < m * m; ++k) raw[s * m * m + k] += part_raw[it * m * m + k];
-      for (int64_t i = 0; i < m; ++i) {
-        l1[s * m + i] += part_l1[it * m + i];
-        amax[s * m + i] = std::max(amax[s * m + i], part_max[it * m + i]);
-      }
+      for (int64_t k = 0; k < m * m; ++k) out[k] += part[it * m * m + k];
       *nonfinite |= part_bad[it] != 0;
     }
     for (int64_t i = 0; i < m; ++i)  // mirror the upper triangle
-      for (int64_t j = 0; j < i; ++j) raw[s * m * m + i * m + j] = raw[s * m * m + j * m + i];
+      for (int64_t j = 0; j < i; ++j) out[i * m + j] = out[j * m + i];
   }
 }
 
@@ -188,18 +308,18 @@ std::tuple<at::Tensor, at::Tensor> attribution_stats_cpu(const at::Tensor& attri
   const int64_t m = attributions.size(0), b = attributions.size(1);
   const int64_t d = b == 0 ? 0 : attributions.numel() / (m * b);
   const at::Tensor x = attributions.contiguous();
-  const auto f64 = x.options().dtype(at::kDouble);
-  at::Tensor raw = at::zeros({b, m, m}, f64), l1 = at::zeros({b, m}, f64), amax = at::zeros({b, m}, f64);
+  at::Tensor centred = at::zeros({b, m, m}, x.options().dtype(at::kDouble));
   bool nonfinite = false;
   if (b > 0 && d > 0) {
+    const at::Tensor inv = inverse_map_norms(x.view({m, b, d}), code);  // (B, M) float64
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "attribution_stats_cpu", [&] {
       attribution_stats_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), m, b, d, abs,
-                                         raw.data_ptr<double>(), l1.data_ptr<double>(),
-                                         amax.data_ptr<double>(), &nonfinite);
+                                         inv.const_data_ptr<double>(), centred.data_ptr<double>(),
+                                         &nonfinite);
     });
   }
   TORCH_CHECK_VALUE(!nonfinite, "attribution_stats: `attributions` contain NaN or infinity");
-  return finish_attribution_stats(raw, l1, amax, code, ddof);
+  return finish_attribution_stats(centred, ddof);
 }
 
 }  // namespace

@@ -23,21 +23,23 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_variance, grad_gram):
     """Gradients through the maps actually compared: ``x = normalise(|a|)`` (reference code, so every
-    normalisation differentiates the same way), then the closed forms
-    d var_b / d x_mbd = 2 (x_mbd - mean_m x_mbd) / (M - ddof) and d G_ij / d x = x_j (+ x_i)."""
+    normalisation differentiates the same way), then the closed forms with ``c = x - mean_m x``:
+    d var_b / d x_mbd = 2 c_mbd / (M - ddof), and for the centred Gram ``G = c c^T`` the gradient
+    ``(S c)`` with S = g + g^T, centred again over members (the centring is a projection)."""
     (attributions,) = ctx.saved_tensors
     abs_, normalize, ddof = ctx.options
     with torch.enable_grad():
         a = attributions.detach().requires_grad_(True)
         x = reference.attribution_maps(a, abs_, normalize)  # (M, B, D) float64
         m = x.shape[0]
+        centred = x - x.mean(dim=0, keepdim=True)
         grad_x = torch.zeros_like(x)
         if grad_variance is not None:
-            centred = x - x.mean(dim=0, keepdim=True)
             grad_x = grad_x + (2.0 / (m - ddof)) * grad_variance.view(1, -1, 1) * centred
         if grad_gram is not None:
             sym = grad_gram + grad_gram.T  # (M, M)
-            grad_x = grad_x + (sym @ x.reshape(m, -1)).view_as(x)
+            grad_c = (sym @ centred.reshape(m, -1)).view_as(x)
+            grad_x = grad_x + grad_c - grad_c.mean(dim=0, keepdim=True)
         (grad_a,) = torch.autograd.grad(x, a, grad_x.detach())
     return grad_a.detach(), None, None, None
 
@@ -54,8 +56,11 @@ def attribution_stats(attributions: torch.Tensor, abs: bool = True, normalize: s
 
     For each sample b, the variance across the M members of every pixel of the (processed) maps,
     summed over channels and pixels: paper Eq. 7 before averaging over samples. The Gram matrix
-    ``G_ij = sum over samples and pixels of x_i x_j`` gives the same sum for any subset S of the
-    members: ``sum Var_S = (1/|S|) sum_{i in S} G_ii - (1/|S|^2) sum_{i,j in S} G_ij`` (ddof 0).
+    ``G_ij = sum over samples and pixels of c_i c_j``, with ``c`` the maps centred at each pixel on
+    the members' mean, gives the same sum for any subset S of the members:
+    ``sum Var_S = (1/|S|) sum_{i in S} G_ii - (1/|S|^2) sum_{i,j in S} G_ij`` (ddof 0) — a variance is
+    blind to a common shift, and centring keeps the formula free of cancellation between large
+    entries when members differ by a small fraction of their values.
 
     Args:
         attributions: ``(M, B, C, H, W)`` (any trailing shape) float16, bfloat16, float32 or float64.
@@ -67,7 +72,8 @@ def attribution_stats(attributions: torch.Tensor, abs: bool = True, normalize: s
             for it) or 1 (unbiased; needs M >= 2).
 
     Returns:
-        ``(variance, gram)``: variance ``(B,)`` float64, gram ``(M, M)`` float64. Differentiable
+        ``(variance, gram)``: variance ``(B,)`` float64, gram ``(M, M)`` float64 (of the centred
+        maps, so a single member's is 0 and every row sums to 0). Differentiable
         with respect to ``attributions`` (the variance serves as a training penalty, paper Eq. 8).
 
     Raises:

@@ -148,7 +148,7 @@ def attribution_stats(attributions: torch.Tensor, abs: bool = True, normalize: s
         raise ValueError("attribution_stats: `attributions` contain NaN or infinity")
     x = attribution_maps(attributions, abs, normalize)  # (M, B, D) float64
     m = x.shape[0]
-    centred = x - x.mean(dim=0, keepdim=True)
+    centred = x - x.mean(dim=0, keepdim=True)  # each pixel centred on the members' mean
     variance = (centred * centred).sum(dim=(0, 2)) / (m - ddof)  # (B,)
-    flat = x.reshape(m, -1)
+    flat = centred.reshape(m, -1)
     return variance, flat @ flat.T  # (B,), (M, M)

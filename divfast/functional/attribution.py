@@ -7,14 +7,16 @@ the diversity is the mean of that sum over samples:
     D = (1/N) sum_n sum_{c,p} Var_m a_{m,n,c,p}
 
 The sufficient statistics are sums (identity zero): the per-sample variance total, the sample
-count and the member Gram ``G_ij = sum_{n,c,p} a_i a_j`` (float64). Batches, shards and processes add
-them. With the population variance (ddof 0, the default) the Gram alone gives the diversity of any
-subset S of the members:
+count and the member Gram ``G_ij = sum_{n,c,p} c_i c_j`` (float64) of the maps centred at each pixel
+on the pool's mean, ``c_m = a_m - mean_k a_k`` (centring keeps it free of cancellation; a variance
+is blind to the common shift). Batches, shards and processes add them. With the population variance
+(ddof 0, the default) the Gram alone gives the diversity of any subset S of the members:
 
     sum Var_S = (1/|S|) sum_{i in S} G_ii - (1/|S|^2) sum_{i,j in S} G_ij
 
 so the 364 three-member ensembles of a 14-model pool need the maps of 14 models, not of 364
-ensembles. Pairwise: the diversity of {i, j} is ``(G_ii + G_jj - 2 G_ij) / 4`` per sample.
+ensembles. Pairwise: the diversity of {i, j} is ``(G_ii + G_jj - 2 G_ij) / (2 (2 - ddof))`` per
+sample (the squared distance of the two maps, over 4 or 2).
 """
 
 from __future__ import annotations
@@ -59,10 +61,11 @@ def subset_diversity(gram: torch.Tensor, n_samples: int, members: Sequence[int])
     return float(total.clamp_min(0.0)) / n_samples
 
 
-def pairwise_attribution_diversity(gram: torch.Tensor, n_samples: int) -> torch.Tensor:
-    """``(M, M)`` float64: the diversity of every member pair (Eq. 7 with M = 2), zero diagonal."""
+def pairwise_attribution_diversity(gram: torch.Tensor, n_samples: int, ddof: int = 0) -> torch.Tensor:
+    """``(M, M)`` float64: the diversity of every member pair (Eq. 7 with M = 2, the same ``ddof``),
+    zero diagonal: the pair's summed squared distance over ``2 (2 - ddof)``, per sample."""
     diag = gram.diagonal()
-    pair = (diag[:, None] + diag[None, :] - 2.0 * gram) / 4.0
+    pair = (diag[:, None] + diag[None, :] - 2.0 * gram) / (2.0 * (2 - ddof))
     if n_samples == 0:
         return torch.full_like(pair, float("nan"))
     return pair.clamp_min(0.0) / n_samples
@@ -77,7 +80,7 @@ def attribution_measures(state: dict[str, torch.Tensor], ddof: int = 0) -> dict:
         "diversity": float(state["variance_sum"]) / n if n else float("nan"),
         "n_samples": n,
         "ddof": ddof,
-        "pairwise": pairwise_attribution_diversity(gram, n).tolist(),
+        "pairwise": pairwise_attribution_diversity(gram, n, ddof).tolist(),
         "gram": gram.tolist(),
     }
 
@@ -115,6 +118,8 @@ def method_agreement(pairwise_by_method: dict[str, torch.Tensor]) -> dict:
         ``{"pairs": [(i, j), ...], "normalized": {method: [score per pair]}, "correlation":
         {method: {method: Pearson r}}, "mean_correlation": float}``; scores are divided by each
         method's largest pair score (so they lie in [0, 1]); the mean is over distinct methods.
+        Pearson r is NaN with fewer than two pairs (M = 2) or when a method's scores are constant;
+        ``mean_correlation`` is NaN with one method or when any r is NaN.
     """
     if len(pairwise_by_method) < 1:
         raise ValueError("`pairwise_by_method` needs at least one method")

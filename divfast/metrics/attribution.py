@@ -110,7 +110,7 @@ class AttributionDiversity:
         """``(M, M)`` float64 diversity of every member pair."""
         if self.state is None:
             raise RuntimeError("AttributionDiversity.pairwise: no data; call update() first")
-        return pairwise_attribution_diversity(self.state["gram"], int(self.state["n_samples"]))
+        return pairwise_attribution_diversity(self.state["gram"], int(self.state["n_samples"]), self.ddof)
 
     def reset(self) -> None:
         """Back to the identity, on the state's current device."""
