@@ -160,16 +160,24 @@ template <int R, int C>
 __attribute__((target("avx2,fma"), always_inline)) inline void tile_f32_avx2(
     const float* buf, int64_t m, int64_t nvec, int64_t i0, int64_t j0, double* raw) {
   __m256 acc[R][C];
+#pragma GCC unroll 3
   for (int di = 0; di < R; ++di)
+#pragma GCC unroll 3
     for (int dj = 0; dj < C; ++dj) acc[di][dj] = _mm256_setzero_ps();
   for (int64_t k = 0; k < nvec * 8; k += 8) {
     __m256 x[R], y[C];
+#pragma GCC unroll 3
     for (int di = 0; di < R; ++di) x[di] = _mm256_loadu_ps(buf + (i0 + di) * kBlock + k);
+#pragma GCC unroll 3
     for (int dj = 0; dj < C; ++dj) y[dj] = _mm256_loadu_ps(buf + (j0 + dj) * kBlock + k);
+#pragma GCC unroll 3
     for (int di = 0; di < R; ++di)
+#pragma GCC unroll 3
       for (int dj = 0; dj < C; ++dj) acc[di][dj] = _mm256_fmadd_ps(x[di], y[dj], acc[di][dj]);
   }
+#pragma GCC unroll 3
   for (int di = 0; di < R; ++di)
+#pragma GCC unroll 3
     for (int dj = 0; dj < C; ++dj)
       if (i0 + di <= j0 + dj) raw[(i0 + di) * m + j0 + dj] += hsum8(acc[di][dj]);
 }
@@ -228,6 +236,10 @@ DIVFAST_INLINE bool item_impl(const scalar_t* x, int64_t m, int64_t b, int64_t d
       }
       for (int64_t k = n; k < padded; ++k) dst[k] = 0;
       bad |= !std::isfinite(sum_abs);
+      // M rows far apart in memory outrun the hardware prefetcher: ask for the next block now.
+      const int64_t ahead = std::min(kBlock, hi - p0 - n);
+      for (int64_t k = 0; k < ahead; k += 64 / static_cast<int64_t>(sizeof(scalar_t)))
+        __builtin_prefetch(src + n + k);
     }
     for (int64_t i = 0; i < m; ++i) {  // centre each pixel on the members' mean
       acc_t* row = buf + i * kBlock;
