@@ -18,6 +18,12 @@ from divfast.errors import DivfastError  # light: no torch
 
 DEFAULT_DEMO_MEMBERS = "resnet10t,convnext_atto,efficientvit_m0"
 DEMO_DATASETS = ("lines1.6", "plasma4.0", "checkerboard4.0", "waterdrop7.0")  # the paper's four
+# divfast.ensembles.evaluate's ATTRIBUTION_* choices, repeated here so `--help` imports no torch
+# (tests/test_eval_attribution.py keeps the two in step).
+ATTRIBUTION_METHODS = ("saliency", "ig", "none")
+ATTRIBUTION_TARGETS = ("label", "member", "ensemble")
+ATTRIBUTION_NORMALIZATIONS = ("none", "l1", "l2", "max")
+GRID_SAMPLES = 4  # rows of attributions.png
 
 
 def _user_errors(fn):
@@ -80,43 +86,73 @@ def info(as_json):
             click.echo(f"{key}: {value}")
 
 
-def _run_eval(paths, dataset, data, batch_size, device, as_json, out, progress, workers=0, seed=0):
+def _run_eval(paths, dataset, data, batch_size, device, as_json, out, progress, workers=0, seed=0,
+              **attribution):
     """Loads the members at ``paths`` and evaluates them (see :func:`_eval_loaded`)."""
     from divfast.data import load_members
 
     loaded = load_members(paths, _device(device))
     return _eval_loaded(loaded, paths, dataset, data, batch_size, device, as_json, out, progress,
-                        workers, seed)
+                        workers, seed, **attribution)
 
 
 def _eval_loaded(loaded, paths, dataset, data, batch_size, device, as_json, out, progress, workers=0,
-                 seed=0, quiet=False):
-    """Evaluates loaded members on ``dataset``; writes ``out/report.json``; prints unless ``quiet``."""
+                 seed=0, quiet=False, attribution="saliency", ig_steps=10,
+                 attribution_target="label", attribution_normalize="none"):
+    """Evaluates loaded members on ``dataset``; writes ``out/report.json`` and, unless
+    ``attribution`` is "none", the attribution grid ``out/attributions.png``; prints unless
+    ``quiet``."""
     from divfast.corruptions import format_dataset_spec, parse_dataset_spec
     from divfast.data import build_dataset
     from divfast.ensembles import evaluate
+    from divfast.ensembles.evaluate import check_attribution_options
     from divfast.io import ensure_dir, json_safe, write_json_atomic
     from divfast.report import render_eval
 
+    check_attribution_options(attribution, ig_steps, attribution_target, attribution_normalize)
     spec = format_dataset_spec(*parse_dataset_spec(dataset))
     ds = build_dataset(spec, data=data, image_size=loaded[0].info.input_size[-1], seed=seed)
+    if out:
+        ensure_dir(out)  # before the pass: a bad --out fails fast
     report = evaluate(loaded, ds, spec, batch_size=batch_size, device=_device(device),
-                      progress=progress, num_workers=workers)
+                      progress=progress, num_workers=workers, attribution=attribution,
+                      ig_steps=ig_steps, attribution_target=attribution_target,
+                      attribution_normalize=attribution_normalize)
     report["member_files"] = list(paths)
     if spec != "clean":
         report["corruption_seed"] = seed
+    written = []
     if out:
-        ensure_dir(out)
-        write_json_atomic(os.path.join(out, "report.json"), report)
+        written.append(os.path.join(out, "report.json"))
+        write_json_atomic(written[-1], report)
+        if attribution != "none":
+            written.append(os.path.join(out, "attributions.png"))
+            _attribution_grid(loaded, ds, spec, report, written[-1], device, attribution, ig_steps,
+                              attribution_target)
     if quiet:
         return report
     if as_json:
         click.echo(json.dumps(json_safe(report), indent=2, allow_nan=False))
     else:
         render_eval(report)
-        if out:
-            click.echo(f"wrote {os.path.join(out, 'report.json')}")
+        for path in written:
+            click.echo(f"wrote {path}")
     return report
+
+
+def _attribution_grid(loaded, ds, spec, report, path, device, attribution, ig_steps, target):
+    """Draws the first GRID_SAMPLES images' maps (paper Figure 11) into ``path``."""
+    from divfast.ensembles.evaluate import attribution_examples
+    from divfast.report import draw_attribution_grid
+
+    examples = attribution_examples(loaded, ds, GRID_SAMPLES, attribution, ig_steps, target,
+                                    device=_device(device))
+    classes = getattr(ds, "classes", None)
+    labels = [f"label {classes[int(y)] if classes else int(y)}" for y in examples.labels]
+    method = "Saliency" if attribution == "saliency" else f"Integrated Gradients ({ig_steps} steps)"
+    draw_attribution_grid(examples.images, examples.maps,
+                          [row["name"] for row in report["members"]], path, row_labels=labels,
+                          title=f"{method} of each member, target {target}, dataset {spec}")
 
 
 @cli.command("eval")
@@ -131,14 +167,32 @@ def _eval_loaded(loaded, paths, dataset, data, batch_size, device, as_json, out,
 @click.option("--batch-size", default=128, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--out", type=click.Path(), default=None, help="Directory for report.json.")
+@click.option("--out", type=click.Path(), default=None,
+              help="Directory for report.json and attributions.png (the first "
+                   f"{GRID_SAMPLES} images and each member's saliency-masked copy).")
 @click.option("--workers", default=0, show_default=True, type=int, help="Data-loader processes.")
+@click.option("--attribution", default="saliency", show_default=True,
+              type=click.Choice(ATTRIBUTION_METHODS),
+              help="Attribution maps for the attribution diversity (paper Eq. 7): Saliency, "
+                   "Integrated Gradients, or none (no backward passes).")
+@click.option("--ig-steps", default=10, show_default=True, type=int,
+              help="Integration points of --attribution ig (>= 1).")
+@click.option("--attribution-target", default="label", show_default=True,
+              type=click.Choice(ATTRIBUTION_TARGETS),
+              help="The class each map explains: the true label, each member's prediction, or "
+                   "the ensemble's.")
+@click.option("--attribution-normalize", default="none", show_default=True,
+              type=click.Choice(ATTRIBUTION_NORMALIZATIONS),
+              help="Scale each map by its l1 norm, l2 norm or maximum before the variance.")
 @click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
 @_user_errors
-def eval_cmd(members, dataset, data, seed, batch_size, device, as_json, out, workers, progress):
-    """Evaluate an ensemble: member and ensemble accuracy, gain, prediction diversity."""
+def eval_cmd(members, dataset, data, seed, batch_size, device, as_json, out, workers, attribution,
+             ig_steps, attribution_target, attribution_normalize, progress):
+    """Evaluate an ensemble: member and ensemble accuracy, gain, prediction and attribution
+    diversity."""
     _run_eval(_split(members), dataset, data, batch_size, device, as_json, out, progress, workers,
-              seed=seed)
+              seed=seed, attribution=attribution, ig_steps=ig_steps,
+              attribution_target=attribution_target, attribution_normalize=attribution_normalize)
 
 
 @cli.command()
@@ -196,7 +250,8 @@ def train(members, arch, num_members, loss, epochs, batch_size, lr, seed, out, o
 @_user_errors
 def demo(out, epochs, device):
     """Train three small, different members on the embedded digits, then evaluate them on the clean
-    test split and under the paper's four corruptions."""
+    test split and under the paper's four corruptions (accuracy, prediction and Saliency
+    diversity; each dataset's report and attribution grid under --out)."""
     from divfast.data import load_members
     from divfast.report import render_accuracy_by_dataset
     from divfast.training import TrainConfig, train_ensemble
@@ -260,9 +315,9 @@ def corrupt_cmd(dataset, data, out, seed, image_size, quality, batch_size, worke
             sevs = [float(s) for s in _split(severities)]
         except ValueError:
             raise DivfastError(f"--severities: expected numbers such as 2,4,6, got {severities!r}") from None
-        from divfast.report.gallery import check_gallery_path
+        from divfast.report.figure import check_figure_path
 
-        check_gallery_path(gallery)
+        check_figure_path(gallery, "--gallery")
     if out:
         from divfast.data.export import write_corrupted_folder
 

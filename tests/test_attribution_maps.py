@@ -334,3 +334,20 @@ def test_captum_backend_without_captum(tiny, batch, monkeypatch):
     monkeypatch.setitem(sys.modules, "captum.attr", None)
     with pytest.raises(DivfastError, match=r"^backend: 'captum' needs the captum package"):
         member_attributions(tiny, batch[0], labels=batch[1], backend="captum")
+
+
+def test_logits_that_ignore_the_pixels_have_zero_maps():
+    """A model whose logits do not depend on its input has zero saliency, not an autograd error."""
+
+    class Constant(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bias = nn.Parameter(torch.tensor([0.5, 2.0, -1.0]))
+
+        def forward(self, x):  # (N, 3, H, W) -> (N, 3), independent of x
+            return self.bias.expand(x.shape[0], -1)
+
+    images = torch.rand(2, 3, 6, 6)
+    for method in ("saliency", "ig"):
+        maps = member_attributions([Constant()], images, "member", method=method, ig_steps=2)
+        assert maps.shape == (1, 2, 3, 6, 6) and not maps.any()

@@ -131,7 +131,7 @@ def test_eval_json_and_report_file(runner, ckpts, tmp_path):
     assert report["dataset"] == "clean" and report["n_samples"] == 540
     assert report["member_files"] == [ckpts["a"], ckpts["b"]]
     assert [m["name"] for m in report["members"]] == ["a", "b"]
-    assert sorted(os.listdir(out)) == ["report.json"]
+    assert sorted(os.listdir(out)) == ["attributions.png", "report.json"]  # the Saliency grid
     on_disk = json.loads((out / "report.json").read_text())
     # NaN != NaN, so compare canonical text
     assert json.dumps(on_disk, sort_keys=True) == json.dumps(report, sort_keys=True)

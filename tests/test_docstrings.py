@@ -13,6 +13,7 @@ MODULES = [
     "divfast.data.corrupted",
     "divfast.functional.attribution",
     "divfast.metrics.attribution",
+    "divfast.report.attribution_grid",
 ]
 
 

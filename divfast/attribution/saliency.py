@@ -33,8 +33,12 @@ def input_gradient(forward: Forward, x: torch.Tensor,
     if target is None:
         target = logits.detach().argmax(dim=1)  # (N,) first maximum wins a tie, as torch.argmax
     selected = logits.gather(1, target[:, None]).sum()
+    if not selected.requires_grad:  # logits that ignore the pixels: their saliency is zero
+        return torch.zeros_like(x), target
     # Gradients w.r.t. x only: autograd prunes the weight gradients and never touches .grad.
-    (grad,) = torch.autograd.grad(selected, x)  # (N, 3, H, W)
+    (grad,) = torch.autograd.grad(selected, x, allow_unused=True)  # (N, 3, H, W)
+    if grad is None:  # the logits depend on parameters but not on these pixels
+        grad = torch.zeros_like(x)
     return grad, target
 
 

@@ -1,22 +1,32 @@
-"""Evaluate an ensemble on a dataset in one pass: per-member and ensemble accuracy, prediction diversity.
+"""Evaluate an ensemble on a dataset in one pass: per-member and ensemble accuracy, prediction
+diversity and attribution diversity (paper Eq. 7).
 
-Every member sees each batch once; all statistics are additive (int64 counts, float64 sums), so the
-result does not depend on the batch size.
+Every member sees each batch once for its predictions and, for the attribution maps, once more
+forward and backward (Saliency) or ``ig_steps`` times (Integrated Gradients). All statistics are
+additive (int64 counts, float64 sums), so the result does not depend on the batch size beyond the
+float rounding of the maps. :func:`attribution_examples` gives the maps of the first few images
+for a figure (paper Figure 11).
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from divfast.data.members import Member
 from divfast.errors import DivfastError
 from divfast.functional.prediction import undefined_softmax_members
-from divfast.metrics import PredictionDiversity
+from divfast.metrics import AttributionDiversity, PredictionDiversity
 
 SCHEMA = "divfast.eval/1"
+# The CLI's choices (cli/main.py repeats them so `divfast --help` needs no torch; a test keeps the
+# two in step).
+ATTRIBUTION_METHODS = ("saliency", "ig", "none")
+ATTRIBUTION_TARGETS = ("label", "member", "ensemble")
+ATTRIBUTION_NORMALIZATIONS = ("none", "l1", "l2", "max")
 
 
 def _topk_correct(logits: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
@@ -48,10 +58,51 @@ def _preview(names) -> str:
     return repr(names) if len(names) <= 6 else f"[{', '.join(map(repr, names[:5]))}, ...]"
 
 
+def check_attribution_options(attribution: str, ig_steps: int, attribution_target: str,
+                              attribution_normalize: str) -> None:
+    """Raises a DivfastError naming the CLI option for a bad attribution setting."""
+    if attribution not in ATTRIBUTION_METHODS:
+        raise DivfastError(f"attribution (--attribution): expected one of "
+                           f"{', '.join(ATTRIBUTION_METHODS)}, got {attribution!r}")
+    if isinstance(ig_steps, bool) or not isinstance(ig_steps, int) or ig_steps < 1:
+        raise DivfastError(f"ig_steps (--ig-steps): expected an int >= 1, got {ig_steps!r}")
+    if attribution_target not in ATTRIBUTION_TARGETS:
+        raise DivfastError(f"attribution_target (--attribution-target): expected one of "
+                           f"{', '.join(ATTRIBUTION_TARGETS)}, got {attribution_target!r}")
+    if attribution_normalize not in ATTRIBUTION_NORMALIZATIONS:
+        raise DivfastError(f"attribution_normalize (--attribution-normalize): expected one of "
+                           f"{', '.join(ATTRIBUTION_NORMALIZATIONS)}, "
+                           f"got {attribution_normalize!r}")
+
+
+def _batch_maps(members: list[Member], x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor,
+                method: str, target: str, ig_steps: int) -> torch.Tensor:
+    """The members' maps ``(M, B, 3, H, W)`` of one batch whose logits ``(M, B, C)`` are known.
+
+    The predicted classes come from those logits rather than from the extra no-grad pass that
+    ``member_attributions`` would make for them: ``"ensemble"`` is the argmax of the averaged logits
+    (the consensus this report scores), ``"member"`` each member's own argmax. Fast Saliency of the
+    members' own predictions already takes the argmax of its gradient pass, so it is left to
+    ``member_attributions``.
+    """
+    from divfast.attribution import member_attributions
+
+    if target == "ensemble":
+        ensemble = logits.mean(dim=0).argmax(dim=1)  # (B,)
+        return member_attributions(members, x, "label", ensemble, method, ig_steps=ig_steps)
+    if target == "member" and method != "saliency":
+        return torch.cat([member_attributions([member], x, "label", logits[i].argmax(dim=1),
+                                              method, ig_steps=ig_steps)
+                          for i, member in enumerate(members)])  # (M, B, 3, H, W)
+    return member_attributions(members, x, target, y, method, ig_steps=ig_steps)
+
+
 @torch.no_grad()
 def evaluate(members: list[Member], dataset: Dataset, dataset_spec: str = "clean",
              batch_size: int = 128, device: str | torch.device = "cpu", progress: bool = True,
-             member_names: list[str] | None = None, num_workers: int = 0) -> dict:
+             member_names: list[str] | None = None, num_workers: int = 0,
+             attribution: str = "saliency", ig_steps: int = 10, attribution_target: str = "label",
+             attribution_normalize: str = "none") -> dict:
     """Evaluates ``members`` (logit averaging) on ``dataset``; returns the report dict.
 
     The report (schema ``divfast.eval/1``) holds per-member top-1/top-5 and parameter counts, the
@@ -59,9 +110,44 @@ def evaluate(members: list[Member], dataset: Dataset, dataset_spec: str = "clean
     prediction-diversity measure with its pairwise matrices. Top-1 follows ``torch.argmax`` (the first
     maximum wins a tie), as the diversity counts do; top-5 uses ``torch.topk``.
 
+    It also holds ``"attribution"``: the attribution diversity of the members (paper Eq. 7, the
+    mean over samples of the variance across members summed over channels and pixels; population
+    variance, absolute maps) as ``{"method", "ig_steps" (Integrated Gradients only), "target",
+    "normalize", "abs", "ddof", "diversity", "pairwise" (M x M: Eq. 7 of each pair), "gram" (M x M
+    float64 sums: the member Gram of the centred maps, from which
+    :func:`divfast.functional.attribution.subset_diversity` gives any sub-ensemble's diversity)}``,
+    or None with ``attribution="none"``. The key was added within schema ``divfast.eval/1``: readers
+    of the older reports ignore it, readers of new ones must accept its absence (older reports).
+
+    The maps are taken w.r.t. the images in [0, 1] by
+    :func:`divfast.attribution.member_attributions` (members in eval mode, gradients enabled even
+    under this function's ``no_grad``); each batch costs every member one backward pass more
+    (Saliency) or ``ig_steps`` forward and backward passes (Integrated Gradients).
+
+    Args:
+        members: the ensemble (:class:`divfast.data.Member`), all predicting the same classes.
+        dataset: yields ``(image (3, H, W) in [0, 1], label)``.
+        dataset_spec: the dataset's name in the report and in errors.
+        batch_size: images per batch (>= 1); the maps of a batch take ``M x`` its memory.
+        device: where the members and batches live.
+        progress: a progress bar on stderr.
+        member_names: names for the report (default: each member's ``name``).
+        num_workers: data-loader processes (>= 0).
+        attribution: ``"saliency"`` (default), ``"ig"`` (Integrated Gradients from a black
+            baseline) or ``"none"`` (no maps, no backward passes).
+        ig_steps: Integrated Gradients' integration points (>= 1; checked for every method).
+        attribution_target: the class each map explains: ``"label"`` the true label,
+            ``"member"`` each member's prediction, ``"ensemble"`` the ensemble's prediction.
+        attribution_normalize: ``"none"``, ``"l1"``, ``"l2"`` or ``"max"``: each map scaled by
+            its norm before the variance (see :func:`divfast.functional.attribution_diversity`).
+
+    Returns:
+        The report: plain Python types (floats may be NaN where a measure is undefined).
+
     Raises:
-        DivfastError: bad arguments (``batch_size``, ``num_workers``), members whose classes do not
-            match the dataset's, labels out of range, a member producing NaN or +inf logits.
+        DivfastError: bad arguments (``batch_size``, ``num_workers``, the attribution options, each
+            naming its CLI option), members whose classes do not match the dataset's, labels out of
+            range, a member producing NaN or +inf logits or non-finite maps.
     """
     from tqdm import tqdm
 
@@ -69,12 +155,15 @@ def evaluate(members: list[Member], dataset: Dataset, dataset_spec: str = "clean
         raise DivfastError(f"batch_size (--batch-size): expected >= 1, got {batch_size}")
     if num_workers < 0:
         raise DivfastError(f"num_workers (--workers): expected >= 0, got {num_workers}")
+    check_attribution_options(attribution, ig_steps, attribution_target, attribution_normalize)
     check_dataset_classes(members, dataset, dataset_spec)
     m = len(members)
     names = member_names or [mb.name for mb in members]
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     num_classes = members[0].info.num_classes
     metric = PredictionDiversity(num_members=m, num_classes=num_classes)
+    maps_metric = (None if attribution == "none"
+                   else AttributionDiversity(num_members=m, normalize=attribution_normalize))
     top5 = torch.zeros(m, dtype=torch.long)
     ens5 = n = 0
     for x, y in tqdm(loader, desc=f"eval {dataset_spec}", file=sys.stderr, disable=not progress,
@@ -90,6 +179,9 @@ def evaluate(members: list[Member], dataset: Dataset, dataset_spec: str = "clean
                                f"infinite logits on {dataset_spec!r} (samples {n}..{n + len(y) - 1}); "
                                "its weights may be corrupt")
         metric.update(logits, y)
+        if maps_metric is not None:
+            maps_metric.update(_batch_maps(members, x, y, logits, attribution, attribution_target,
+                                           ig_steps))  # (M, B, 3, H, W) in, sums kept
         top5 += _topk_correct(logits, y, 5).cpu()
         ens5 += int(_topk_correct(logits.mean(dim=0), y, 5))  # the paper's averaging consensus
         n += len(y)
@@ -117,4 +209,72 @@ def evaluate(members: list[Member], dataset: Dataset, dataset_spec: str = "clean
                      "gain_top1": ens_top1 - member_rows[best]["top1"]},
         "diversity": div,
         "pairwise": pairwise,
+        "attribution": _attribution_block(maps_metric, attribution, ig_steps, attribution_target,
+                                          attribution_normalize),
     }
+
+
+def _attribution_block(metric: AttributionDiversity | None, method: str, ig_steps: int,
+                       target: str, normalize: str) -> dict | None:
+    if metric is None:
+        return None
+    measures = metric.compute()
+    block = {"method": method}
+    if method == "ig":
+        block["ig_steps"] = ig_steps
+    block.update({"target": target, "normalize": normalize, "abs": metric.abs, "ddof": metric.ddof,
+                  "diversity": measures["diversity"], "pairwise": measures["pairwise"],
+                  "gram": measures["gram"]})
+    return block
+
+
+@dataclass
+class AttributionExamples:
+    """The first images of a dataset and every member's map of them (for a figure).
+
+    Attributes:
+        images: ``(N, 3, H, W)`` float32 in [0, 1], on the CPU.
+        labels: ``(N,)`` int64 true labels.
+        maps: ``(M, N, 3, H, W)`` float32 absolute maps, on the CPU.
+        method, target, ig_steps: how the maps were taken.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    maps: torch.Tensor
+    method: str
+    target: str
+    ig_steps: int
+
+
+def attribution_examples(members: list[Member], dataset: Dataset, n: int = 4,
+                         attribution: str = "saliency", ig_steps: int = 10,
+                         attribution_target: str = "label",
+                         device: str | torch.device = "cpu") -> AttributionExamples:
+    """The maps of the first ``n`` images of ``dataset`` (fewer if it is smaller), for
+    :func:`divfast.report.draw_attribution_grid` (paper Figure 11).
+
+    A separate pass over ``n`` images rather than an option of :func:`evaluate`: the report keeps
+    one return type and stays plain JSON, and the cost is one batch of ``n`` images. The maps are
+    those :func:`evaluate` reduces for the same images (members run in eval mode, so a map does
+    not depend on the batch around its image), up to float rounding.
+
+    Raises:
+        DivfastError: ``n`` < 1, ``attribution="none"`` (no maps to take), or a bad option.
+    """
+    check_attribution_options(attribution, ig_steps, attribution_target, "none")
+    if attribution == "none":
+        raise DivfastError("attribution (--attribution): 'none' takes no maps to show")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise DivfastError(f"n: expected an int >= 1, got {n!r}")
+    first = Subset(dataset, range(min(n, len(dataset))))
+    if len(first) == 0:
+        raise DivfastError("--dataset: the dataset has no samples")
+    x, y = next(iter(DataLoader(first, batch_size=len(first), shuffle=False)))
+    x, y = x.to(device), y.to(device)
+    with torch.no_grad():  # the classes the maps explain, chosen as evaluate() chooses them
+        logits = torch.stack([member(x).float() for member in members])  # (M, N, C)
+    maps = _batch_maps(members, x, y, logits, attribution, attribution_target,
+                       ig_steps)  # (M, N, 3, H, W)
+    return AttributionExamples(images=x.float().cpu(), labels=y.cpu(), maps=maps.cpu(),
+                               method=attribution, target=attribution_target, ig_steps=ig_steps)

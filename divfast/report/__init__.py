@@ -1,5 +1,6 @@
-"""Reports: JSON documents and their renderings (tables; plots in later modules)."""
+"""Reports: JSON documents and their renderings (tables; figures such as the attribution grid)."""
 
+from divfast.report.attribution_grid import draw_attribution_grid, saliency_masked
 from divfast.report.table import render_accuracy_by_dataset, render_eval
 
-__all__ = ["render_accuracy_by_dataset", "render_eval"]
+__all__ = ["draw_attribution_grid", "render_accuracy_by_dataset", "render_eval", "saliency_masked"]

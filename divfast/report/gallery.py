@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from divfast.errors import DivfastError
+from divfast.report.figure import check_figure_path, save_figure
 
 DEFAULT_SEVERITIES = (2.0, 4.0, 6.0, 8.0, 10.0)
 
@@ -20,14 +21,6 @@ def sample_photo(size: int = 224) -> torch.Tensor:
     return TF.center_crop(photo, size)
 
 
-def check_gallery_path(path: str) -> str:
-    """The image format for ``path`` (png, svg, pdf, jpeg), or an error naming --gallery."""
-    ext = path.rsplit(".", 1)[-1].lower() if "." in path else ""
-    if ext not in ("png", "svg", "pdf", "jpg", "jpeg"):
-        raise DivfastError(f"--gallery: expected a .png, .svg, .pdf or .jpg path, got {path!r}")
-    return "jpeg" if ext == "jpg" else ext
-
-
 def draw_gallery(image: torch.Tensor, path: str, severities=DEFAULT_SEVERITIES, seed: int = 0,
                  corruptions: list[str] | None = None, key: int | str = 0) -> None:
     """Draws ``image`` (3, H, W) uint8 clean and under each corruption (rows) at each severity
@@ -38,13 +31,12 @@ def draw_gallery(image: torch.Tensor, path: str, severities=DEFAULT_SEVERITIES, 
     import matplotlib.pyplot as plt
 
     from divfast.corruptions import check_severity, corrupt, list_corruptions
-    from divfast.io import atomic_path
 
     severities = [check_severity(s, option="--severities") for s in severities]
     if not severities:
         raise DivfastError("--severities: expected at least one severity")
     names = corruptions or list_corruptions()
-    fmt = check_gallery_path(path)
+    check_figure_path(path, "--gallery")
     batch = image.unsqueeze(0)
     cols = len(severities) + 1
     fig, axes = plt.subplots(len(names), cols, figsize=(1.6 * cols, 1.6 * len(names)), squeeze=False)
@@ -60,6 +52,4 @@ def draw_gallery(image: torch.Tensor, path: str, severities=DEFAULT_SEVERITIES, 
         axes[r][0].set_ylabel(name.replace("_", " "), fontsize=8)
     fig.suptitle(f"divfast corruptions (seed {seed})", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / len(names)))
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=fmt, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, "--gallery")

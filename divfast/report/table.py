@@ -24,11 +24,42 @@ MEASURE_DOCS = {
     "equitability_incorrect": ("Shannon equitability, ensemble-wrong samples (Eq. 5)", "up"),
 }
 
+# The attribution row: the report's "attribution" block names the method.
+ATTRIBUTION_METHOD_NAMES = {"saliency": "Saliency", "ig": "IG"}  # IG: Integrated Gradients
+ATTRIBUTION_DOC = ("variance of members' {method} maps (Eq. 7)", "up")
+
 
 def _fmt(x: float, pct: bool = False) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "nan"
     return f"{100 * x:.2f}" if pct else f"{x:.4f}"
+
+
+def _fmt_g(x: float) -> str:
+    """Four significant digits: attribution diversity has no natural scale (gradients' units)."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "nan"
+    return f"{x:.4g}"
+
+
+def attribution_row(report: dict) -> tuple[str, str, str] | None:
+    """``(name, value, meaning)`` of the report's attribution diversity, or None without one
+    (``--attribution none``, or a report older than the block)."""
+    block = report.get("attribution")
+    if not block:
+        return None
+    method = ATTRIBUTION_METHOD_NAMES.get(block["method"], block["method"])
+    if block["method"] == "ig":
+        method += f" ({block['ig_steps']} steps)"
+    meaning = ATTRIBUTION_DOC[0].format(method=method)
+    details = []  # only what differs from the defaults (true-label maps, not normalised)
+    if block["target"] != "label":
+        details.append(f"{block['target']}'s prediction")
+    if block["normalize"] != "none":
+        details.append(f"{block['normalize']}-normalised")
+    if details:
+        meaning += f"; {', '.join(details)}"
+    return "attribution", _fmt_g(block["diversity"]), meaning
 
 
 def render_eval(report: dict, file=None) -> None:
@@ -54,7 +85,9 @@ def render_eval(report: dict, file=None) -> None:
     console.print(acc)
     console.print(f"gain over best member ({ens['best_member']}): {gain:+.2f} points top-1")
 
-    div = Table(title="prediction diversity", title_justify="left")
+    attribution = attribution_row(report)
+    div = Table(title="prediction diversity" if attribution is None
+                else "prediction and attribution diversity", title_justify="left")
     div.add_column("measure")
     div.add_column("value", justify="right")
     div.add_column("more diverse", justify="center")
@@ -62,11 +95,15 @@ def render_eval(report: dict, file=None) -> None:
     for name, (meaning, direction) in MEASURE_DOCS.items():
         div.add_row(name, _fmt(report["diversity"][name]), "↑" if direction == "up" else "↓",
                     meaning)
+    if attribution is not None:
+        name, value, meaning = attribution
+        div.add_row(name, value, "↑" if ATTRIBUTION_DOC[1] == "up" else "↓", meaning)
     console.print(div)
 
 
 def render_accuracy_by_dataset(reports: list[dict], file=None) -> None:
-    """One row per dataset (clean, lines1.6, ...): each member's top-1, the ensemble's, its gain."""
+    """One row per dataset (clean, lines1.6, ...): each member's top-1, the ensemble's, its gain,
+    the prediction disagreement and, when the reports have one, the attribution diversity."""
     from rich.console import Console
     from rich.table import Table
 
@@ -82,9 +119,21 @@ def render_accuracy_by_dataset(reports: list[dict], file=None) -> None:
     table.add_column("ensemble", justify="right")
     table.add_column("gain", justify="right")
     table.add_column("disagreement", justify="right")
+    blocks = [report["attribution"] for report in reports if report.get("attribution")]
+    if blocks:  # headed by the method, short enough to keep the member names whole in 110 columns
+        table.add_column(ATTRIBUTION_METHOD_NAMES.get(blocks[0]["method"], "attribution"),
+                         justify="right")
     for report in reports:
         ens = report["ensemble"]
+        cells = [_fmt(ens["top1"], True), f"{100 * ens['gain_top1']:+.2f}",
+                 _fmt(report["diversity"]["disagreement"])]
+        if blocks:
+            block = report.get("attribution")
+            cells.append(_fmt_g(block["diversity"]) if block else "-")
         table.add_row(report["dataset"], *[_fmt(r["top1"], True) for r in report["members"]],
-                      _fmt(ens["top1"], True), f"{100 * ens['gain_top1']:+.2f}",
-                      _fmt(report["diversity"]["disagreement"]))
+                      *cells)
     console.print(table)
+    if blocks:
+        header = table.columns[-1].header
+        console.print(f"{header}: attribution diversity, "
+                      f"{attribution_row({'attribution': blocks[0]})[2]}, ↑ more diverse")

@@ -142,7 +142,7 @@ def train_ensemble(cfg: TrainConfig, out_dir: str, device: str | torch.device = 
             m.eval()
         # The same numbers `divfast eval` reports: argmax top-1, mean-logit ensemble, diversity.
         report = evaluate(members, test_set, "validation", batch_size=256, device=device,
-                          progress=False, num_workers=num_workers)
+                          progress=False, num_workers=num_workers, attribution="none")
         member_acc = [row["top1"] for row in report["members"]]
         ens_acc = report["ensemble"]["top1"]
         record = {"epoch": epoch + 1, "loss": total / max(steps, 1), "member_accuracy": member_acc,
