@@ -220,31 +220,36 @@ DIVFAST_INLINE bool item_impl(const scalar_t* x, int64_t m, int64_t b, int64_t d
   for (int64_t p0 = lo; p0 < hi; p0 += kBlock) {
     const int64_t n = std::min(kBlock, hi - p0);
     const int64_t padded = (n + 7) / 8 * 8;  // whole vectors for the tiles
+    // Pass 1 over the block: the members' mean at each pixel (and sum |a|, the finiteness check).
     for (int64_t k = 0; k < padded; ++k) mean[k] = 0;
     for (int64_t i = 0; i < m; ++i) {
       const scalar_t* src = x + (i * b + s) * d + p0;
-      acc_t* dst = buf + i * kBlock;
-      const acc_t scale = inv[i];
+      const acc_t scale = inv[i] * inv_m;
       acc_t sum_abs = 0;
 #pragma omp simd reduction(+ : sum_abs)
       for (int64_t k = 0; k < n; ++k) {
         const acc_t v = static_cast<acc_t>(src[k]);
         const acc_t a = std::abs(v);
         sum_abs += a;
-        dst[k] = (take_abs ? a : v) * scale;
-        mean[k] += dst[k];
+        mean[k] += (take_abs ? a : v) * scale;
       }
-      for (int64_t k = n; k < padded; ++k) dst[k] = 0;
       bad |= !std::isfinite(sum_abs);
       // M rows far apart in memory outrun the hardware prefetcher: ask for the next block now.
       const int64_t ahead = std::min(kBlock, hi - p0 - n);
       for (int64_t k = 0; k < ahead; k += 64 / static_cast<int64_t>(sizeof(scalar_t)))
         __builtin_prefetch(src + n + k);
     }
-    for (int64_t i = 0; i < m; ++i) {  // centre each pixel on the members' mean
-      acc_t* row = buf + i * kBlock;
+    // Pass 2, rereading the block from cache: each member's values centred on that mean.
+    for (int64_t i = 0; i < m; ++i) {
+      const scalar_t* src = x + (i * b + s) * d + p0;
+      acc_t* dst = buf + i * kBlock;
+      const acc_t scale = inv[i];
 #pragma omp simd
-      for (int64_t k = 0; k < n; ++k) row[k] -= mean[k] * inv_m;
+      for (int64_t k = 0; k < n; ++k) {
+        const acc_t v = static_cast<acc_t>(src[k]);
+        dst[k] = (take_abs ? std::abs(v) : v) * scale - mean[k];
+      }
+      for (int64_t k = n; k < padded; ++k) dst[k] = 0;
     }
 #if defined(__x86_64__)
     if constexpr (kAvx2 && std::is_same_v<acc_t, float>) {
