@@ -89,8 +89,14 @@ def info(as_json):
 def _run_eval(paths, dataset, data, batch_size, device, as_json, out, progress, workers=0, seed=0,
               **attribution):
     """Loads the members at ``paths`` and evaluates them (see :func:`_eval_loaded`)."""
+    from divfast.corruptions import parse_dataset_spec
     from divfast.data import load_members
+    from divfast.ensembles.evaluate import check_attribution_options
 
+    defaults = {"attribution": "saliency", "ig_steps": 10, "attribution_target": "label",
+                "attribution_normalize": "none"}
+    check_attribution_options(**{**defaults, **attribution})  # before a slow member load
+    parse_dataset_spec(dataset)
     loaded = load_members(paths, _device(device))
     return _eval_loaded(loaded, paths, dataset, data, batch_size, device, as_json, out, progress,
                         workers, seed, **attribution)

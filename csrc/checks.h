@@ -53,7 +53,7 @@ inline void raise_pair_counts_errors(int flags, int64_t num_classes) {
               num_classes < 0 ? std::string("inf") : std::to_string(num_classes), ")");
 }
 
-// Validates attribution_stats' inputs; returns the normalisation code (kernels::Normalize).
+// Validates attribution_stats' inputs; returns the normalisation code: 0 none, 1 l1, 2 l2, 3 max.
 inline int check_attribution_stats_args(const at::Tensor& attributions, c10::string_view normalize,
                                         int64_t ddof) {
   TORCH_CHECK_VALUE(attributions.dim() >= 2,

@@ -686,3 +686,9 @@ def test_device_matches_cpu(device, gen, dtype):
     assert close(metric.for_subset([1, 3]),
                  attribution_diversity(maps[[1, 3]], normalize="l1")["diversity"],
                  max(rtol, RTOL_GRAM))
+
+
+@pytest.mark.parametrize("kwargs", [{"normalize": "L1"}, {"normalize": "l3"}, {"ddof": 2}])
+def test_bad_options_fail_at_construction(kwargs):
+    with pytest.raises(ValueError, match="normalize|ddof"):
+        AttributionDiversity(**kwargs)

@@ -209,3 +209,20 @@ def test_wrapper_uses_the_kernel_and_falls_back(monkeypatch, gen):
     monkeypatch.setattr(as_module, "use_kernel", lambda op, device: False)
     as_module.attribution_stats(a)
     assert len(calls) == 1
+
+
+def test_large_finite_values_are_not_mistaken_for_infinity(device, gen):
+    """Finiteness is checked on the values themselves, norms are float64: large maps normalise fine,
+    and products beyond float32's range are a clear error, not inf or silently zeroed maps."""
+    a = maps(gen, 3, 2, 1, 8, 8, device=device) * 1e20
+    for norm in ("l1", "l2", "max"):
+        assert_matches(kernel(a, True, norm, 0), reference.attribution_stats(a, True, norm, 0),
+                       torch.float32)
+    with pytest.raises(ValueError, match="overflow"):
+        kernel(maps(gen, 3, 2, 1, 8, 8, device=device) * 1e30, True, "none", 0)
+
+
+def test_double_backward_on_the_kernel(device, gen):
+    a = (maps(gen, 3, 2, 1, 3, 3, dtype=torch.float64, device=device).abs() + 0.1).requires_grad_(True)
+    for norm in ("none", "l2"):
+        assert torch.autograd.gradgradcheck(lambda t: kernel(t, True, norm, 0), (a,), eps=1e-6, atol=1e-5)

@@ -33,6 +33,9 @@ std::tuple<at::Tensor, at::Tensor> finish_attribution_stats(const at::Tensor& ce
   // centred (B, M, M): products of the maps centred on the members' mean. Its trace is the sum over
   // pixels of the squared deviations: the variance times (M - ddof).
   const int64_t m = centred.size(1);
+  TORCH_CHECK_VALUE(centred.isfinite().all().item<bool>(),
+                    "attribution_stats: the products of `attributions` overflow (values near the "
+                    "float32 range); pass float64 maps or normalise them");
   at::Tensor variance = centred.diagonal(0, 1, 2).sum(-1) / static_cast<double>(m - ddof);
   return {variance, centred.sum(0)};
 }
@@ -46,23 +49,15 @@ void map_norms_cpu(const scalar_t* x, int64_t m, int64_t b, int64_t d, int code,
   at::parallel_for(0, m * b, 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {  // row = member * B + sample
       const scalar_t* src = x + row * d;
-      double total = 0;
-      for (int64_t p0 = 0; p0 < d; p0 += 4096) {  // float partial sums, float64 across blocks
-        const int64_t n = std::min<int64_t>(4096, d - p0);
-        acc_t part = 0;
-        if (code == 3) {
-#pragma omp simd reduction(max : part)
-          for (int64_t k = 0; k < n; ++k) part = std::max(part, std::abs(static_cast<acc_t>(src[p0 + k])));
-          total = std::max(total, static_cast<double>(part));
-        } else if (code == 2) {
-#pragma omp simd reduction(+ : part)
-          for (int64_t k = 0; k < n; ++k) part += static_cast<acc_t>(src[p0 + k]) * static_cast<acc_t>(src[p0 + k]);
-          total += part;
-        } else {
-#pragma omp simd reduction(+ : part)
-          for (int64_t k = 0; k < n; ++k) part += std::abs(static_cast<acc_t>(src[p0 + k]));
-          total += part;
-        }
+      double total = 0;  // float64 throughout: the squares of large maps overflow float
+      if (code == 3) {
+        for (int64_t k = 0; k < d; ++k) total = std::max(total, std::abs(static_cast<double>(src[k])));
+      } else if (code == 2) {
+#pragma omp simd reduction(+ : total)
+        for (int64_t k = 0; k < d; ++k) total += static_cast<double>(src[k]) * static_cast<double>(src[k]);
+      } else {
+#pragma omp simd reduction(+ : total)
+        for (int64_t k = 0; k < d; ++k) total += std::abs(static_cast<double>(src[k]));
       }
       out[(row % b) * m + row / b] = code == 2 ? std::sqrt(total) : total;
     }
@@ -82,10 +77,9 @@ at::Tensor inverse_map_norms(const at::Tensor& maps, int code) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, maps.scalar_type(), "map_norms_cpu", [&] {
       map_norms_cpu<scalar_t>(maps.const_data_ptr<scalar_t>(), m, b, d, code, norm.data_ptr<double>());
     });
-  } else {  // CUDA: torch's reductions, accumulating in float (float64 for float64 maps)
+  } else {  // CUDA: torch's reductions in float64 (the squares of large maps overflow float)
     const double ord = code == 1 ? 1.0 : code == 2 ? 2.0 : std::numeric_limits<double>::infinity();
-    const auto acc = maps.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    norm = at::linalg_vector_norm(maps, ord, {2}, false, acc).to(at::kDouble).t().contiguous();
+    norm = at::linalg_vector_norm(maps, ord, {2}, false, at::kDouble).t().contiguous();
   }
   return at::where(norm > 0, norm.reciprocal(), at::zeros_like(norm)).contiguous();
 }
@@ -210,7 +204,7 @@ __attribute__((target("avx2,fma"))) void gram_block_f32_avx2(const float* buf, i
 
 // One work item: pixels [lo, hi) of sample s into its own centred products r (M x M, upper
 // triangle). inv: 1 / norm of each member's map for this sample. Returns whether a NaN or an infinity
-// was seen (|a| summed per row: NaN or inf iff some value is).
+// was seen.
 template <typename scalar_t, typename acc_t, bool kAvx2>
 DIVFAST_INLINE bool item_impl(const scalar_t* x, int64_t m, int64_t b, int64_t d, int64_t s, int64_t lo,
                               int64_t hi, bool take_abs, const acc_t* inv, acc_t* buf, double* r) {
@@ -225,15 +219,14 @@ DIVFAST_INLINE bool item_impl(const scalar_t* x, int64_t m, int64_t b, int64_t d
     for (int64_t i = 0; i < m; ++i) {
       const scalar_t* src = x + (i * b + s) * d + p0;
       const acc_t scale = inv[i] * inv_m;
-      acc_t sum_abs = 0;
-#pragma omp simd reduction(+ : sum_abs)
+      acc_t check = 0;  // v * 0 is NaN exactly for a NaN or an infinity: no false alarm on large values
+#pragma omp simd reduction(+ : check)
       for (int64_t k = 0; k < n; ++k) {
         const acc_t v = static_cast<acc_t>(src[k]);
-        const acc_t a = std::abs(v);
-        sum_abs += a;
-        mean[k] += (take_abs ? a : v) * scale;
+        check += v * acc_t(0);
+        mean[k] += (take_abs ? std::abs(v) : v) * scale;
       }
-      bad |= !std::isfinite(sum_abs);
+      bad |= check != check;
       // M rows far apart in memory outrun the hardware prefetcher: ask for the next block now.
       const int64_t ahead = std::min(kBlock, hi - p0 - n);
       for (int64_t k = 0; k < ahead; k += 64 / static_cast<int64_t>(sizeof(scalar_t)))

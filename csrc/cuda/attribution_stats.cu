@@ -4,9 +4,10 @@
 // A block owns (sample, chunk of pixels). Each thread walks the chunk with a stride of the block size,
 // scales each member's value by 1 / its map's norm, centres the pixel's M values on their mean, and
 // keeps the products of every member pair in registers (the member count is bounded at compile time:
-// 4, 8, 16 or 32); then the block reduces each product (warp shuffles, then the warps' results) and
-// one thread adds it to the sample's float64 sums with an atomic. Maps of more than 32 members fall
-// back to torch ops (centring, a batched GEMM): correct, but more reads.
+// 4, 8 or 16; 8 for float64); then the block reduces each product (warp shuffles, then the warps'
+// results) and one thread adds it to the sample's float64 sums with an atomic (so the last bits can
+// differ run to run). More members fall back to torch ops (centring, a batched GEMM): correct, but
+// more reads.
 // Lean includes (no torch/extension.h) keep nvcc's compile time down.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -29,6 +30,8 @@
 
 #include <cuda_runtime.h>
 
+#include <type_traits>
+
 #include "checks.h"
 
 namespace divfast {
@@ -46,7 +49,7 @@ __device__ inline T warp_sum(T v) {
 }
 
 template <typename scalar_t, int kMaxM>
-__global__ void attribution_stats_kernel(const scalar_t* __restrict__ x, int m, int64_t b, int64_t d,
+__global__ void __launch_bounds__(kThreads) attribution_stats_kernel(const scalar_t* __restrict__ x, int m, int64_t b, int64_t d,
                                          bool take_abs, const double* __restrict__ inv_norms,
                                          double* __restrict__ centred, int* __restrict__ flags) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -126,10 +129,12 @@ std::tuple<at::Tensor, at::Tensor> attribution_stats_cuda(const at::Tensor& attr
   const at::Tensor x = attributions.contiguous();
   at::Tensor centred = at::zeros({b, m, m}, x.options().dtype(at::kDouble));
   if (b > 0 && d > 0) {
-    TORCH_CHECK_VALUE(b <= 65535, "attribution_stats: at most 65535 samples per call on CUDA, got B = ", b);
     const at::Tensor inv = inverse_map_norms(x.view({m, b, d}), code);  // (B, M) float64
     at::Tensor flags = at::zeros({1}, x.options().dtype(at::kInt));
-    if (m > 32) {  // too many members for register accumulators: torch ops, float64
+    // Register accumulators hold M (M + 1) / 2 products per thread: without spills up to M = 16 in
+    // float and M = 8 in double (ptxas); more members go through torch ops (correct, more reads).
+    const int64_t register_limit = x.scalar_type() == at::kDouble ? 8 : 16;
+    if (m > register_limit) {
       at::Tensor maps = x.view({m, b, d}).to(at::kDouble);
       at::Tensor bad = at::logical_not(at::isfinite(maps)).any().to(at::kInt);
       flags.copy_(bad.view({1}));
@@ -138,11 +143,11 @@ std::tuple<at::Tensor, at::Tensor> attribution_stats_cuda(const at::Tensor& attr
       at::Tensor per_sample = used.transpose(0, 1);  // (B, M, D)
       centred = at::bmm(per_sample, per_sample.transpose(1, 2));
     } else {
+      TORCH_CHECK_VALUE(b <= 65535, "attribution_stats: at most 65535 samples per call on CUDA, got B = ", b);
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "attribution_stats_cuda", [&] {
         if (m <= 4) launch<scalar_t, 4>(x, m, b, d, abs, inv, centred, flags);
         else if (m <= 8) launch<scalar_t, 8>(x, m, b, d, abs, inv, centred, flags);
-        else if (m <= 16) launch<scalar_t, 16>(x, m, b, d, abs, inv, centred, flags);
-        else launch<scalar_t, 32>(x, m, b, d, abs, inv, centred, flags);
+        else if constexpr (!std::is_same_v<scalar_t, double>) launch<scalar_t, 16>(x, m, b, d, abs, inv, centred, flags);
       });
       // Products were summed over the upper triangle: mirror it.
       centred = at::add(centred.triu(), centred.triu(1).transpose(1, 2));

@@ -28,8 +28,9 @@ def _backward(ctx, grad_variance, grad_gram):
     ``(S c)`` with S = g + g^T, centred again over members (the centring is a projection)."""
     (attributions,) = ctx.saved_tensors
     abs_, normalize, ddof = ctx.options
+    higher = torch.is_grad_enabled()  # double backward (create_graph=True): keep the graph
     with torch.enable_grad():
-        a = attributions.detach().requires_grad_(True)
+        a = attributions if higher and attributions.requires_grad else attributions.detach().requires_grad_(True)
         x = reference.attribution_maps(a, abs_, normalize)  # (M, B, D) float64
         m = x.shape[0]
         centred = x - x.mean(dim=0, keepdim=True)
@@ -40,8 +41,10 @@ def _backward(ctx, grad_variance, grad_gram):
             sym = grad_gram + grad_gram.T  # (M, M)
             grad_c = (sym @ centred.reshape(m, -1)).view_as(x)
             grad_x = grad_x + grad_c - grad_c.mean(dim=0, keepdim=True)
-        (grad_a,) = torch.autograd.grad(x, a, grad_x.detach())
-    return grad_a.detach(), None, None, None
+        if not higher:
+            grad_x = grad_x.detach()
+        (grad_a,) = torch.autograd.grad(x, a, grad_x, create_graph=higher)
+    return (grad_a if higher else grad_a.detach()), None, None, None
 
 
 def register_fake_kernel() -> None:
@@ -52,7 +55,8 @@ def register_fake_kernel() -> None:
 
 def attribution_stats(attributions: torch.Tensor, abs: bool = True, normalize: str = "none",
                       ddof: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample attribution diversity and the member Gram matrix, from one read of the maps.
+    """Per-sample attribution diversity and the member Gram matrix, from one read of the maps (two
+    with a normalisation: the norms come first).
 
     For each sample b, the variance across the M members of every pixel of the (processed) maps,
     summed over channels and pixels: paper Eq. 7 before averaging over samples. The Gram matrix

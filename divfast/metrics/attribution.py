@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
+from divfast._ops.reference import ATTRIBUTION_NORMALIZATIONS
 from divfast.distributed import all_reduce_sum
 from divfast.functional.attribution import (
     attribution_measures,
@@ -46,6 +47,11 @@ class AttributionDiversity:
                  ddof: int = 0):
         if num_members is not None and num_members < 1:
             raise ValueError(f"`num_members` must be >= 1, got {num_members}")
+        if normalize not in ATTRIBUTION_NORMALIZATIONS:
+            raise ValueError(f"`normalize` must be one of {', '.join(ATTRIBUTION_NORMALIZATIONS)}, "
+                             f"got {normalize!r}")
+        if ddof not in (0, 1):
+            raise ValueError(f"`ddof` must be 0 or 1, got {ddof!r}")
         self.num_members = num_members
         self.abs, self.normalize, self.ddof = abs, normalize, ddof
         self.state = _empty_state(num_members, None) if num_members is not None else None
@@ -99,6 +105,10 @@ class AttributionDiversity:
         """Eq. 7 of the sub-ensemble ``members`` (indices into the pool), from the pool's Gram.
 
         Only defined for ``ddof=0``: the Gram identity holds for the population variance.
+        Precision: the Gram is of maps centred on the *pool's* mean, formed from float32 products
+        for float32 maps, so the result's absolute error is about 1e-7 of the pool's spread (sum of
+        squared deviations); for a subset whose members are far closer to each other than to the
+        rest of the pool, compute it from the subset's own maps (or pass float64 maps).
         """
         if self.state is None:
             raise RuntimeError("AttributionDiversity.for_subset: no data; call update() first")
