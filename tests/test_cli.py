@@ -16,7 +16,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from divfast.cli.main import cli
+from cli_helpers import assert_user_error, invoke
+
 from divfast.data import load_members, save_member
 from divfast.data.members import create_member
 from divfast.ensembles import evaluate
@@ -40,19 +41,7 @@ def runner():
     return CliRunner()
 
 
-def invoke(runner, args):
-    return runner.invoke(cli, args, prog_name="divfast")
 
-
-def assert_user_error(result, flag):
-    """Non-zero exit, exactly one ``Error: `` line on stderr naming ``flag``, no traceback."""
-    assert result.exit_code != 0, result.output
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1, result.stderr
-    assert flag in errors[0], errors[0]
-    assert result.stdout == ""
 
 
 # --- entry points ------------------------------------------------------------------------------

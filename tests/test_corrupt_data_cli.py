@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+
+from cli_helpers import assert_user_error, invoke
 from torch.utils.data import DataLoader, TensorDataset
 
-from divfast.cli.main import cli
 from divfast.corruptions import corrupt, corruption_aliases, list_corruptions
 from divfast.data import CorruptedDataset, build_dataset, digits_dataset
 from divfast.data.digits import DigitsDataset, digits_uint8
@@ -33,20 +34,7 @@ def runner():
     return CliRunner()
 
 
-def invoke(runner, args):
-    return runner.invoke(cli, [str(a) for a in args], prog_name="divfast")
 
-
-def assert_user_error(result, flag):
-    """Non-zero exit, exactly one ``Error: `` line on stderr naming ``flag``, no traceback."""
-    assert result.exit_code != 0, result.output
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1, result.stderr
-    assert flag in errors[0], errors[0]
-    assert result.stdout == ""
 
 
 def assert_ok(result):

@@ -14,13 +14,15 @@ import math
 import pytest
 import torch
 from click.testing import CliRunner
+
+from cli_helpers import assert_user_error
+from cli_helpers import invoke as cli_invoke
 from torch.utils.data import Subset
 
 import divfast.report
 import divfast.report.attribution_grid as grid_module
 from divfast.attribution import member_attributions
 from divfast.cli import main as cli_main
-from divfast.cli.main import cli
 from divfast.data import digits_dataset, load_members, save_member
 from divfast.data.members import create_member
 from divfast.ensembles import evaluate
@@ -311,18 +313,9 @@ def test_accuracy_by_dataset_has_the_attribution_column(members, small):
 
 
 def invoke(args):
-    return CliRunner().invoke(cli, args, prog_name="divfast")
+    return cli_invoke(CliRunner(), args)
 
 
-def assert_user_error(result, flag):
-    """Non-zero exit, exactly one ``Error: `` line on stderr naming ``flag``, no traceback."""
-    assert result.exit_code != 0, result.output
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1, result.stderr
-    assert flag in errors[0], errors[0]
-    assert result.stdout == ""
 
 
 @pytest.mark.parametrize("extra, flag", [

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from divfast.errors import DivfastError
-from divfast.report.figure import check_figure_path, save_figure
+from divfast.report.figure import check_figure_path, image_grid
 
 CELL_INCHES = 1.6  # each image's cell; the figure is CELL_INCHES x (M + 1) wide
 TITLE_INCHES = 0.3  # room for the figure title above the rows
@@ -86,32 +86,14 @@ def draw_attribution_grid(images: torch.Tensor, maps: torch.Tensor, member_names
         >>> os.path.getsize(path) > 0
         True
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     check_figure_path(path)
     _check_shapes(images, maps, member_names)
     if row_labels is not None and len(row_labels) != images.shape[0]:
         raise DivfastError(f"row_labels: expected {images.shape[0]} labels (one per image), got "
                            f"{len(row_labels)}")
     masked = saliency_masked(images.cpu(), maps.cpu())  # (M, N, 3, H, W)
-    rows, cols = images.shape[0], maps.shape[0] + 1
-    fig, axes = plt.subplots(rows, cols, squeeze=False,
-                             figsize=(CELL_INCHES * cols, CELL_INCHES * rows + TITLE_INCHES))
-    for r in range(rows):
-        cells = [images[r].detach().float().cpu().clamp(0, 1)] + [masked[m, r]
-                                                                  for m in range(cols - 1)]
-        for c, cell in enumerate(cells):
-            ax = axes[r][c]
-            ax.imshow(cell.permute(1, 2, 0).numpy(), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title("input" if c == 0 else member_names[c - 1], fontsize=8)
-        if row_labels is not None:
-            axes[r][0].set_ylabel(row_labels[r], fontsize=8)
-    fig.suptitle(title or "attribution maps (saliency-masked inputs)", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 1 - TITLE_INCHES / (CELL_INCHES * rows + TITLE_INCHES)))
-    save_figure(fig, path, dpi=DPI)
+    cells = [[images[r].detach().float().cpu().clamp(0, 1)] + [masked[m, r] for m in range(maps.shape[0])]
+             for r in range(images.shape[0])]
+    image_grid(cells, path, ["input", *member_names], row_labels,
+               title or "attribution maps (saliency-masked inputs)", cell_inches=CELL_INCHES,
+               title_inches=TITLE_INCHES, dpi=DPI)

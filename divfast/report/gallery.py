@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from divfast.errors import DivfastError
-from divfast.report.figure import check_figure_path, save_figure
+from divfast.report.figure import check_figure_path, image_grid
 
 DEFAULT_SEVERITIES = (2.0, 4.0, 6.0, 8.0, 10.0)
 
@@ -25,11 +25,6 @@ def draw_gallery(image: torch.Tensor, path: str, severities=DEFAULT_SEVERITIES, 
                  corruptions: list[str] | None = None, key: int | str = 0) -> None:
     """Draws ``image`` (3, H, W) uint8 clean and under each corruption (rows) at each severity
     (columns) into ``path`` (.png, .svg, .pdf or .jpg), written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from divfast.corruptions import check_severity, corrupt, list_corruptions
 
     severities = [check_severity(s, option="--severities") for s in severities]
@@ -38,18 +33,8 @@ def draw_gallery(image: torch.Tensor, path: str, severities=DEFAULT_SEVERITIES, 
     names = corruptions or list_corruptions()
     check_figure_path(path, "--gallery")
     batch = image.unsqueeze(0)
-    cols = len(severities) + 1
-    fig, axes = plt.subplots(len(names), cols, figsize=(1.6 * cols, 1.6 * len(names)), squeeze=False)
-    for r, name in enumerate(names):
-        cells = [image] + [corrupt(batch, name, s, seed=seed, keys=[key])[0] for s in severities]
-        for c, cell in enumerate(cells):
-            ax = axes[r][c]
-            ax.imshow(cell.permute(1, 2, 0).numpy(), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title("clean" if c == 0 else f"severity {severities[c - 1]:g}", fontsize=8)
-        axes[r][0].set_ylabel(name.replace("_", " "), fontsize=8)
-    fig.suptitle(f"divfast corruptions (seed {seed})", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / len(names)))
-    save_figure(fig, path, "--gallery")
+    cells = [[image] + [corrupt(batch, name, s, seed=seed, keys=[key])[0] for s in severities]
+             for name in names]
+    image_grid(cells, path, ["clean", *(f"severity {s:g}" for s in severities)],
+               [name.replace("_", " ") for name in names], f"divfast corruptions (seed {seed})",
+               option="--gallery", title_inches=0.0)
