@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -r requirements/bench.txt
 	$(PY) -m benchmarks.bench_pair_counts
 	$(PY) -m benchmarks.bench_corruptions
+	$(PY) -m benchmarks.bench_attribution
 
 clean:
 	rm -rf build divfast/_C*.so divfast/_build_info.py *.egg-info
