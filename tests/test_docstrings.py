@@ -14,6 +14,7 @@ MODULES = [
     "divfast.functional.attribution",
     "divfast.metrics.attribution",
     "divfast.report.attribution_grid",
+    "divfast.functional.representation",
 ]
 
 

@@ -2,5 +2,7 @@
 
 from divfast.functional.attribution import attribution_diversity, method_agreement, subset_diversity
 from divfast.functional.prediction import prediction_diversity
+from divfast.functional.representation import cka, hsic_matrix
 
-__all__ = ["attribution_diversity", "method_agreement", "prediction_diversity", "subset_diversity"]
+__all__ = ["attribution_diversity", "cka", "hsic_matrix", "method_agreement", "prediction_diversity",
+           "subset_diversity"]

@@ -1,0 +1,136 @@
+"""Representation similarity: unbiased HSIC and minibatch CKA (paper Eq. 6) between layers and members.
+
+Linear CKA of two representations X (n x p) and Y (n x q) of the same n samples compares their Gram
+matrices K = X X^T and L = Y Y^T:
+
+    CKA(K, L) = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))
+
+With the unbiased HSIC estimator (Song et al. 2012) on each minibatch, averaging the three HSIC terms
+over batches before the ratio gives the minibatch CKA of Nguyen, Raghu & Kornblith (2021), which
+converges to the full-data value and needs no n x n matrix over the whole data set. The unbiased
+estimator zeroes the diagonals (K~) and needs n >= 4:
+
+    HSIC_u(K, L) = [tr(K~ L~) + (1^T K~ 1)(1^T L~ 1) / ((n-1)(n-2)) - 2/(n-2) 1^T K~ L~ 1] / (n(n-3))
+
+For G Gram matrices at once (every (member, layer) of an ensemble), all G x G terms are one matrix
+product of the flattened K~ plus products of their row sums: :func:`hsic_matrix_from_grams`. This is
+the composition the ``divfast::hsic`` kernel (issue #5) will fuse; it is already exact and batched.
+
+Zero-variance features (a constant layer) have HSIC(K, K) = 0; their CKA with anything is defined as
+0 (not NaN), and documented so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from divfast.errors import DivfastError
+
+MIN_BATCH = 4  # the unbiased estimator divides by n (n - 3)
+
+
+def gram_matrices(features: Sequence[torch.Tensor], kernel: str = "linear",
+                  bandwidth: float = 0.5) -> torch.Tensor:
+    """Gram matrices ``(G, n, n)`` float64 of G representations of the same n samples.
+
+    Args:
+        features: G tensors ``(n, ...)``, flattened per sample.
+        kernel: ``"linear"`` (``X X^T``) or ``"rbf"`` (``exp(-d^2 / (2 s^2))`` with ``s`` =
+            ``bandwidth`` times the median pairwise distance of that representation).
+        bandwidth: the RBF width as a fraction of the median distance.
+    """
+    if kernel not in ("linear", "rbf"):
+        raise DivfastError(f"kernel: expected 'linear' or 'rbf', got {kernel!r}")
+    if not features:
+        raise DivfastError("features: expected at least one representation")
+    n = features[0].shape[0]
+    grams = []
+    for i, f in enumerate(features):
+        if f.shape[0] != n:
+            raise DivfastError(f"features: representation {i} has {f.shape[0]} samples, the first has {n}")
+        x = f.reshape(n, -1).to(torch.float64)
+        if kernel == "linear":
+            grams.append(x @ x.T)
+            continue
+        sq = (x * x).sum(dim=1)
+        d2 = (sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)).clamp_min(0.0)
+        off = d2[~torch.eye(n, dtype=torch.bool, device=x.device)]
+        median = off.sqrt().median() if off.numel() else torch.zeros((), dtype=torch.float64)
+        scale = bandwidth * median
+        grams.append(torch.exp(-d2 / (2.0 * scale * scale)) if scale > 0 else torch.ones_like(d2))
+    return torch.stack(grams)
+
+
+def hsic_matrix_from_grams(grams: torch.Tensor) -> torch.Tensor:
+    """Unbiased HSIC of every pair of the G Gram matrices ``(G, n, n)`` -> ``(G, G)`` float64.
+
+    One matrix product of the zero-diagonal Grams, flattened, plus the products of their row sums
+    and totals: no per-pair loop. Needs n >= 4.
+    """
+    g, n = grams.shape[0], grams.shape[-1]
+    if grams.dim() != 3 or grams.shape[1] != n:
+        raise DivfastError(f"grams: expected (G, n, n), got {tuple(grams.shape)}")
+    if n < MIN_BATCH:
+        raise DivfastError(f"batch: the unbiased HSIC needs n >= {MIN_BATCH} samples, got {n}")
+    k = grams.to(torch.float64).clone()
+    k.diagonal(dim1=1, dim2=2).zero_()
+    flat = k.reshape(g, n * n)
+    rows = k.sum(dim=2)  # (G, n): K~ 1
+    totals = rows.sum(dim=1)  # (G,): 1^T K~ 1
+    trace = flat @ flat.T  # tr(K~ L~) for symmetric Grams
+    return (trace + totals[:, None] * totals[None, :] / ((n - 1) * (n - 2))
+            - 2.0 / (n - 2) * (rows @ rows.T)) / (n * (n - 3))
+
+
+def cka_from_hsic(hsic: torch.Tensor) -> torch.Tensor:
+    """``(G, G)`` HSIC sums -> CKA ``HSIC_ij / sqrt(HSIC_ii HSIC_jj)``, clamped to [-1, 1]; pairs with a
+    zero-variance representation (HSIC_ii <= 0) get 0."""
+    diag = hsic.diagonal().clamp_min(0.0)
+    denom = torch.sqrt(diag[:, None] * diag[None, :])
+    out = torch.where(denom > 0, hsic / torch.where(denom > 0, denom, 1.0), torch.zeros_like(hsic))
+    return out.clamp(-1.0, 1.0)
+
+
+def hsic_matrix(features: Sequence[torch.Tensor], kernel: str = "linear", bandwidth: float = 0.5) -> torch.Tensor:
+    """Unbiased HSIC ``(G, G)`` float64 between G representations of one batch (n >= 4 samples).
+
+    Example:
+        >>> x = torch.randn(16, 8)
+        >>> hsic_matrix([x, 2 * x]).shape
+        torch.Size([2, 2])
+    """
+    return hsic_matrix_from_grams(gram_matrices(features, kernel, bandwidth))
+
+
+def cka(x: torch.Tensor, y: torch.Tensor, kernel: str = "linear", debiased: bool = True,
+        bandwidth: float = 0.5) -> float:
+    """CKA (paper Eq. 6) of two representations ``(n, ...)`` of the same samples.
+
+    Args:
+        x, y: features, flattened per sample.
+        kernel: ``"linear"`` or ``"rbf"``.
+        debiased: the unbiased HSIC estimator (needs n >= 4); else the biased full-data estimator
+            (centring matrix H = I - 11^T/n: ``HSIC = tr(K H L H) / (n-1)^2``).
+        bandwidth: RBF width as a fraction of the median distance.
+
+    Returns:
+        A float in [-1, 1] (unbiased CKA can dip slightly below 0 for unrelated features); 0 when
+        either representation has zero variance.
+
+    Example:
+        >>> x = torch.randn(32, 10)
+        >>> round(cka(x, x @ torch.linalg.qr(torch.randn(10, 10))[0]), 6)  # rotation-invariant
+        1.0
+    """
+    grams = gram_matrices([x, y], kernel, bandwidth)
+    if debiased:
+        hsic = hsic_matrix_from_grams(grams)
+    else:
+        n = grams.shape[-1]
+        centred = grams - grams.mean(dim=1, keepdim=True)
+        centred = centred - centred.mean(dim=2, keepdim=True)
+        flat = centred.reshape(2, -1)
+        hsic = flat @ flat.T / max(n - 1, 1) ** 2
+    return float(cka_from_hsic(hsic)[0, 1])
