@@ -15,6 +15,7 @@ MODULES = [
     "divfast.metrics.attribution",
     "divfast.report.attribution_grid",
     "divfast.functional.representation",
+    "divfast.metrics.representation",
 ]
 
 

@@ -122,3 +122,75 @@ def test_gram_matrices_shapes_and_rbf_diagonal():
     g = gram_matrices([torch.randn(9, 2, 3), torch.randn(9, 5)], kernel="rbf")
     assert g.shape == (2, 9, 9) and g.dtype == torch.float64
     assert torch.allclose(g.diagonal(dim1=1, dim2=2), torch.ones(2, 9, dtype=torch.float64))
+
+
+# --- RepresentationSimilarity: additive sums ------------------------------------------------------
+
+from divfast.metrics import RepresentationSimilarity  # noqa: E402
+
+
+def _batches(seed, n=96, sizes=(16, 32, 16, 32)):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=gen, dtype=torch.float64)
+    y = x @ torch.randn(6, 5, generator=gen, dtype=torch.float64) + torch.randn(n, 5, generator=gen,
+                                                                               dtype=torch.float64)
+    z = torch.randn(n, 2, 3, generator=gen, dtype=torch.float64)
+    out, start = [], 0
+    for size in sizes:
+        out.append([t[start:start + size] for t in (x, y, z)])
+        start += size
+    return out
+
+
+def test_metric_equals_the_sum_of_batch_hsic():
+    batches = _batches(0)
+    metric = RepresentationSimilarity(names=["x", "y", "z"])
+    for b in batches:
+        metric.update(b)
+    total = sum(hsic_matrix(b) for b in batches)
+    got = metric.compute()
+    np.testing.assert_allclose(np.array(got["cka"]), cka_from_hsic(total).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(np.array(got["hsic"]), (total / 4).numpy(), rtol=1e-12)
+    assert got["batches"] == 4 and got["names"] == ["x", "y", "z"]
+
+
+def test_shards_merge_exactly_and_state_dict_round_trips(tmp_path):
+    batches = _batches(1)
+    whole = RepresentationSimilarity()
+    for b in batches:
+        whole.update(b)
+    shards = [RepresentationSimilarity() for _ in range(3)]
+    shards[0].update(batches[0])
+    shards[1].update(batches[1])
+    shards[1].update(batches[2])
+    shards[0].update(batches[3])  # shards[2] never updated
+    path = tmp_path / "s.pt"
+    torch.save(shards[1].state_dict(), path)
+    restored = RepresentationSimilarity()
+    restored.load_state_dict(torch.load(path, weights_only=True))
+    merged = RepresentationSimilarity().merge(shards[2]).merge(shards[0]).merge(restored)
+    np.testing.assert_allclose(np.array(merged.compute()["cka"]), np.array(whole.compute()["cka"]),
+                               rtol=1e-12)
+
+
+def test_small_batches_are_skipped_and_counted():
+    metric = RepresentationSimilarity()
+    x = torch.randn(10, 3, dtype=torch.float64)
+    metric.update([x[:3], x[:3]])  # n = 3 < 4
+    with pytest.raises(RuntimeError, match="no batch"):
+        metric.compute()
+    metric.update([x[3:], x[3:]])
+    out = metric.compute()
+    assert out["skipped_samples"] == 3 and out["batches"] == 1 and out["cka"][0][1] == pytest.approx(1.0)
+
+
+def test_metric_bad_input():
+    with pytest.raises(DivfastError, match="kernel"):
+        RepresentationSimilarity(kernel="cosine")
+    metric = RepresentationSimilarity(names=["a", "b"])
+    with pytest.raises(DivfastError, match="features"):
+        metric.update([torch.randn(8, 2)])
+    other = RepresentationSimilarity()
+    other.update([torch.randn(8, 2), torch.randn(8, 2)])
+    with pytest.raises(DivfastError, match="representations"):
+        other.update([torch.randn(8, 2)] * 3)

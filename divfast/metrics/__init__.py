@@ -2,5 +2,6 @@
 
 from divfast.metrics.attribution import AttributionDiversity
 from divfast.metrics.prediction import PredictionDiversity
+from divfast.metrics.representation import RepresentationSimilarity
 
-__all__ = ["AttributionDiversity", "PredictionDiversity"]
+__all__ = ["AttributionDiversity", "PredictionDiversity", "RepresentationSimilarity"]
