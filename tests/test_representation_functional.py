@@ -194,3 +194,49 @@ def test_metric_bad_input():
     other.update([torch.randn(8, 2), torch.randn(8, 2)])
     with pytest.raises(DivfastError, match="representations"):
         other.update([torch.randn(8, 2)] * 3)
+
+
+# --- two processes over gloo ----------------------------------------------------------------------
+
+import os  # noqa: E402
+import socket  # noqa: E402
+import tempfile  # noqa: E402
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        metric = RepresentationSimilarity()
+        for i, batch in enumerate(_batches(5)):
+            if i % world == rank:  # batches dealt rank::world
+                metric.update(batch)
+        metric.sync()
+        torch.save(metric.compute(), os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+def test_ddp_sync_equals_one_process():
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_ddp_worker, args=(2, _free_port(), out_dir), nprocs=2, join=True)
+        results = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(2)]
+    whole = RepresentationSimilarity()
+    for batch in _batches(5):
+        whole.update(batch)
+    want = whole.compute()
+    for got in results:
+        assert got["batches"] == want["batches"] == 4
+        np.testing.assert_allclose(np.array(got["cka"]), np.array(want["cka"]), rtol=1e-12)
