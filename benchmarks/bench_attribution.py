@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
@@ -28,6 +27,7 @@ import torch
 from benchmarks.common import machine_info
 from divfast._ops import reference
 from divfast._ops.attribution_stats import attribution_stats
+from divfast.io import write_json_atomic
 
 TARGET_FLOOR = 1.5
 TARGET_OVERHEAD = 0.05
@@ -120,8 +120,7 @@ def main(argv=None) -> dict:
           f"{'PASS' if e2e['meets_target'] else 'FAIL'}")
     result = {"machine": info, "device": str(device), "op": rows, "end_to_end": e2e}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json_atomic(args.json, result)  # NaN (no reference time) becomes null
     return result
 
 

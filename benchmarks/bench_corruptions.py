@@ -15,7 +15,6 @@ parameters (the CPU part of a batch) and, on a GPU, the synchronisation that end
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -26,6 +25,7 @@ import torch
 
 from benchmarks.common import machine_info
 from divfast.corruptions import corrupt, get_corruption, list_corruptions
+from divfast.io import write_json_atomic
 
 # The reference on this machine, one core, ms per 224 px image (issue #3); None where not given.
 RECORDED_REFERENCE_MS = {"plasma": 1040.0, "waterdrop": 600.0, "caustic_refraction": 2700.0,
@@ -138,8 +138,7 @@ def main(argv=None) -> dict:
     result = {"machine": info, "device": str(device), "batch": args.batch, "size": args.size,
               "severity": SEVERITY, "target_img_s": target, "rows": rows}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json_atomic(args.json, result)  # NaN (no reference time) becomes null
     return result
 
 

@@ -17,12 +17,12 @@ import warnings
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS as IMAGE_EXTENSIONS  # what eval's ImageFolder reads
 
 from divfast.corruptions import corrupt, format_dataset_spec, parse_dataset_spec
 from divfast.errors import DivfastError
 from divfast.io import ensure_dir, write_json_atomic
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 MANIFEST = "divfast-corrupt.json"
 
 
