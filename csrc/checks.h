@@ -84,4 +84,23 @@ std::tuple<at::Tensor, at::Tensor> finish_attribution_stats(const at::Tensor& ce
 // 1 / norm of every map (B, M) float64: 1 without a normalisation, 0 for a map whose norm is 0.
 at::Tensor inverse_map_norms(const at::Tensor& maps, int code);
 
+// Validates hsic's input: `grams` (G, n, n) floating point, n >= 4 (the unbiased estimator divides by
+// n (n - 3)).
+inline void check_hsic_args(const at::Tensor& grams) {
+  TORCH_CHECK_VALUE(grams.dim() == 3 && grams.size(1) == grams.size(2),
+                    "hsic: `grams` must be G square Gram matrices (G, n, n) of the same n samples, "
+                    "got shape ", grams.sizes());
+  const auto dt = grams.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+                   "hsic: `grams` must be float16, bfloat16, float32 or float64, got ", dt);
+  TORCH_CHECK_VALUE(grams.size(1) >= 4, "hsic: the unbiased HSIC needs n >= 4 samples per batch, got "
+                    "`grams` of n = ", grams.size(1));
+}
+
+// Shared by the CPU and CUDA hosts, defined in cpu/hsic.cpp. From the sums over pairs i != j of
+// products of the symmetric parts S (trace (G, G)), the products of their off-diagonal row sums
+// (rowdot (G, G)) and the totals (G,): the unbiased HSIC (G, G) float64 of Song et al. (2012).
+at::Tensor finish_hsic(const at::Tensor& trace, const at::Tensor& rowdot, const at::Tensor& totals,
+                       int64_t n);
+
 }  // namespace divfast

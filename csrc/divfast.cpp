@@ -27,4 +27,8 @@ TORCH_LIBRARY(divfast, m) {
   m.def(
       "attribution_stats(Tensor attributions, bool abs=True, str normalize=\"none\", int ddof=0) -> "
       "(Tensor variance, Tensor gram)");
+  // grams (G, n, n) float16/bfloat16/float32/float64: Gram matrices of G representations (every
+  // member x layer) of the same n >= 4 samples; only their symmetric parts are used.
+  // Returns (G, G) float64: the unbiased HSIC (Song et al. 2012) of every pair, U-centring folded in.
+  m.def("hsic(Tensor grams) -> Tensor");
 }

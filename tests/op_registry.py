@@ -53,8 +53,29 @@ def _attribution_stats_samples(device, gen):
     ]
 
 
+def _hsic_samples(device, gen):
+    def grams(g, n, dtype=torch.float32, symmetric=True):
+        x = torch.randn(g, n, n, generator=gen, dtype=torch.float64)
+        if symmetric:
+            x = x @ x.transpose(1, 2) / n
+        return x.to(dtype).to(device)
+
+    grad = grams(3, 6, dtype=torch.float64).requires_grad_(True)  # autograd registration
+    return [
+        (grams(3, 8),),
+        (grams(5, 4, dtype=torch.float64),),  # the smallest batch
+        (grams(7, 13, dtype=torch.float64, symmetric=False),),  # only the symmetric part enters
+        (grams(4, 9, dtype=torch.float16),),
+        (grams(2, 10, dtype=torch.bfloat16),),
+        (grams(4, 11).transpose(1, 2),),  # non-contiguous
+        (grams(0, 6),),  # no representations
+        (grad,),
+    ]
+
+
 OPS = [
     OpCase("pair_counts", reference.pair_counts, _pair_counts_samples),
     OpCase("attribution_stats", reference.attribution_stats, _attribution_stats_samples, exact=False,
            tolerance={"rtol": 1e-5, "atol": 1e-6}),
+    OpCase("hsic", reference.hsic, _hsic_samples, exact=False, tolerance={"rtol": 1e-9, "atol": 1e-12}),
 ]

@@ -26,6 +26,7 @@
 #endif
 
 #include "checks.h"
+#include "cpu/cpu_features.h"
 
 namespace divfast {
 
@@ -261,11 +262,6 @@ DIVFAST_INLINE bool item_impl(const scalar_t* x, int64_t m, int64_t b, int64_t d
 #define DIVFAST_ITEM_CALL x, m, b, d, s, lo, hi, take_abs, inv, buf, r
 
 #if defined(__x86_64__)
-bool cpu_has_avx2_fma() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
-
 template <typename scalar_t, typename acc_t>
 __attribute__((target("avx2,fma"))) bool item_avx2(DIVFAST_ITEM_ARGS(scalar_t, acc_t)) {
   return item_impl<scalar_t, acc_t, true>(DIVFAST_ITEM_CALL);

@@ -152,3 +152,47 @@ def attribution_stats(attributions: torch.Tensor, abs: bool = True, normalize: s
     variance = (centred * centred).sum(dim=(0, 2)) / (m - ddof)  # (B,)
     flat = centred.reshape(m, -1)
     return variance, flat @ flat.T  # (B,), (M, M)
+
+
+_GRAM_DTYPES = _MAP_DTYPES
+
+
+def check_hsic_args(grams: torch.Tensor) -> None:
+    """The argument checks of ``divfast::hsic`` (same messages as csrc/checks.h)."""
+    if grams.dim() != 3 or grams.shape[1] != grams.shape[2]:
+        raise ValueError("hsic: `grams` must be G square Gram matrices (G, n, n) of the same n samples, "
+                         f"got shape {list(grams.shape)}")
+    if grams.dtype not in _GRAM_DTYPES:
+        raise TypeError(f"hsic: `grams` must be float16, bfloat16, float32 or float64, got {grams.dtype}")
+    if grams.shape[1] < 4:
+        raise ValueError("hsic: the unbiased HSIC needs n >= 4 samples per batch, got `grams` of "
+                         f"n = {grams.shape[1]}")
+
+
+def hsic_expression(grams: torch.Tensor) -> torch.Tensor:
+    """The unbiased HSIC ``(G, G)`` float64 of the symmetric parts of ``grams`` ``(G, n, n)``,
+    without checks: the product of the zero-diagonal Grams, flattened, plus the products of their
+    row sums and totals. Differentiable; the op's backward runs through it."""
+    g, n = grams.shape[0], grams.shape[-1]
+    k = grams.to(torch.float64)
+    k = (k + k.transpose(1, 2)) / 2
+    k = k * (1.0 - torch.eye(n, dtype=torch.float64, device=k.device))  # K~: the diagonal zeroed
+    flat = k.reshape(g, n * n)
+    rows = k.sum(dim=2)  # (G, n): K~ 1
+    totals = rows.sum(dim=1)  # (G,): 1' K~ 1
+    return (flat @ flat.T + totals[:, None] * totals[None, :] / ((n - 1) * (n - 2))
+            - 2.0 / (n - 2) * (rows @ rows.T)) / (n * (n - 3))
+
+
+def hsic(grams: torch.Tensor) -> torch.Tensor:
+    """Reference of ``divfast::hsic``: the unbiased HSIC ``(G, G)`` float64 of every pair of the
+    symmetric parts of G Gram matrices ``(G, n, n)`` (Song et al. 2012); see
+    :func:`divfast._ops.hsic.hsic`."""
+    check_hsic_args(grams)
+    if grams.numel() and not torch.isfinite(grams).all():
+        raise ValueError("hsic: `grams` contain NaN or infinity")
+    out = hsic_expression(grams)
+    if not torch.isfinite(out).all():
+        raise ValueError("hsic: the products of `grams` overflow float64 (entries near 1e154); scale "
+                         "the features down")
+    return out

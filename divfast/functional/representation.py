@@ -14,7 +14,7 @@ estimator zeroes the diagonals (K~) and needs n >= 4:
 
 For G Gram matrices at once (every (member, layer) of an ensemble), all G x G terms are one matrix
 product of the flattened K~ plus products of their row sums: :func:`hsic_matrix_from_grams`. This is
-the composition the ``divfast::hsic`` kernel (issue #5) will fuse; it is already exact and batched.
+what the fused ``divfast::hsic`` kernel computes in one read of the Grams.
 
 Zero-variance features (a constant layer) have HSIC(K, K) = 0; their CKA with anything is defined as
 0 (not NaN), and documented so.
@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 import torch
 
+from divfast._ops.hsic import hsic
 from divfast.errors import DivfastError
 
 MIN_BATCH = 4  # the unbiased estimator divides by n (n - 3)
@@ -66,22 +67,18 @@ def gram_matrices(features: Sequence[torch.Tensor], kernel: str = "linear",
 def hsic_matrix_from_grams(grams: torch.Tensor) -> torch.Tensor:
     """Unbiased HSIC of every pair of the G Gram matrices ``(G, n, n)`` -> ``(G, G)`` float64.
 
-    One matrix product of the zero-diagonal Grams, flattened, plus the products of their row sums
-    and totals: no per-pair loop. Needs n >= 4.
+    The fused ``divfast::hsic`` kernel (reference: :func:`divfast._ops.reference.hsic`): one read of
+    the Grams, the U-centring folded into the inner products, no per-pair loop. Needs n >= 4.
     """
-    g, n = grams.shape[0], grams.shape[-1]
-    if grams.dim() != 3 or grams.shape[1] != n:
+    if grams.dim() != 3 or grams.shape[1] != grams.shape[2]:
         raise DivfastError(f"grams: expected (G, n, n), got {tuple(grams.shape)}")
+    n = grams.shape[-1]
     if n < MIN_BATCH:
         raise DivfastError(f"batch: the unbiased HSIC needs n >= {MIN_BATCH} samples, got {n}")
-    k = grams.to(torch.float64).clone()
-    k.diagonal(dim1=1, dim2=2).zero_()
-    flat = k.reshape(g, n * n)
-    rows = k.sum(dim=2)  # (G, n): K~ 1
-    totals = rows.sum(dim=1)  # (G,): 1^T K~ 1
-    trace = flat @ flat.T  # tr(K~ L~) for symmetric Grams
-    return (trace + totals[:, None] * totals[None, :] / ((n - 1) * (n - 2))
-            - 2.0 / (n - 2) * (rows @ rows.T)) / (n * (n - 3))
+    try:
+        return hsic(grams)
+    except ValueError as exc:  # NaN or infinite features, or float64 overflow: one clear line
+        raise DivfastError(f"features: {exc}") from None
 
 
 def cka_from_hsic(hsic: torch.Tensor) -> torch.Tensor:
