@@ -8,12 +8,14 @@ import pytest
 MODULES = [
     "divfast._ops.pair_counts",
     "divfast._ops.attribution_stats",
+    "divfast._ops.hsic",
     "divfast.corruptions",
     "divfast.corruptions.registry",
     "divfast.data.corrupted",
     "divfast.functional.attribution",
     "divfast.metrics.attribution",
     "divfast.report.attribution_grid",
+    "divfast.report.cka_maps",
     "divfast.functional.representation",
     "divfast.metrics.representation",
 ]

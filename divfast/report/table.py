@@ -29,6 +29,11 @@ ATTRIBUTION_METHOD_NAMES = {"saliency": "Saliency", "ig": "IG"}  # IG: Integrate
 ATTRIBUTION_DOC = ("variance of members' {method} maps (Eq. 7)", "up")
 
 
+# The representation table: one column per member's layer up to this many members, else one
+# column of the names joined with " / ".
+REPRESENTATION_MEMBER_COLUMNS = 4
+
+
 def _fmt(x: float, pct: bool = False) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "nan"
@@ -40,6 +45,12 @@ def _fmt_g(x: float) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "nan"
     return f"{x:.4g}"
+
+
+def _fmt3(x: float) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "nan"
+    return f"{x:.3f}"
 
 
 def attribution_row(report: dict) -> tuple[str, str, str] | None:
@@ -62,8 +73,38 @@ def attribution_row(report: dict) -> tuple[str, str, str] | None:
     return "attribution", _fmt_g(block["diversity"]), meaning
 
 
+def representation_table(block: dict):
+    """The report's representation block as ``(table, summary line)``: one row per depth with
+    the layer each member has there and their mean cross-member CKA, then the overall mean, the
+    batches and the skipped samples (only when some were)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    kernel = block.get("kernel") or "linear"
+    if kernel == "rbf" and block.get("bandwidth") is not None:
+        kernel += f", bandwidth {block['bandwidth']:g}"
+    members = [escape(str(name)) for name in block["members"]]
+    table = Table(title=f"representation similarity (minibatch CKA, {kernel})",
+                  title_justify="left")
+    table.add_column("depth", justify="right")
+    per_member = len(members) <= REPRESENTATION_MEMBER_COLUMNS
+    for name in members if per_member else [f"layers ({' / '.join(members)})"]:
+        table.add_column(name)
+    table.add_column("mean cross-member CKA", justify="right")
+    for row in block.get("by_depth") or []:
+        layers = [escape(str(name)) for name in row["layers"]]
+        table.add_row(str(row["depth"]), *(layers if per_member else [" / ".join(layers)]),
+                      _fmt3(row["mean_cross_member_cka"]))
+    summary = (f"mean cross-member CKA over depths: {_fmt3(block['mean_cross_member_cka'])} "
+               f"({block['batches']} batches")
+    if block.get("skipped_samples"):  # batches under 4 samples: the unbiased HSIC needs n >= 4
+        summary += f"; {block['skipped_samples']} samples skipped in batches under 4 samples"
+    return table, summary + ")"
+
+
 def render_eval(report: dict, file=None) -> None:
-    """Prints the members/ensemble accuracy table and the diversity table of one eval report."""
+    """Prints the members/ensemble accuracy table and the diversity table of one eval report,
+    then its representation similarity when it has one (:func:`representation_table`)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -99,6 +140,10 @@ def render_eval(report: dict, file=None) -> None:
         name, value, meaning = attribution
         div.add_row(name, value, "↑" if ATTRIBUTION_DOC[1] == "up" else "↓", meaning)
     console.print(div)
+    if report.get("representation"):  # None without one, absent in reports older than the key
+        table, summary = representation_table(report["representation"])
+        console.print(table)
+        console.print(summary, markup=False)
 
 
 def render_accuracy_by_dataset(reports: list[dict], file=None) -> None:
