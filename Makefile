@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.bench_pair_counts
 	$(PY) -m benchmarks.bench_corruptions
 	$(PY) -m benchmarks.bench_attribution
+	$(PY) -m benchmarks.bench_cka
 
 clean:
 	rm -rf build divfast/_C*.so divfast/_build_info.py *.egg-info

@@ -17,12 +17,14 @@ python -c "import json; from divfast.info import collect_info; print(json.dumps(
   | tee "$OUT/info.json"
 python -c "import pytest" 2>/dev/null || echo "pytest is missing on this machine: carry its wheel"
 DIVFAST_REQUIRE_EXTENSION=1 DIVFAST_REQUIRE_CUDA=1 timeout 300 python -m pytest -q \
-  tests/test_ops_pair_counts.py tests/test_ops_attribution_stats.py tests/test_ops_registry.py \
+  tests/test_ops_pair_counts.py tests/test_ops_attribution_stats.py tests/test_ops_hsic.py tests/test_ops_registry.py \
   tests/test_attribution_metrics.py -k cuda 2>&1 | tail -30 | tee "$OUT/pytest_cuda.txt"
 timeout 120 python -m benchmarks.bench_attribution --device cuda --json "$OUT/bench_attribution_cuda.json" \
   2>&1 | tee "$OUT/bench_attribution_cuda.txt"
 timeout 180 python -m benchmarks.bench_pair_counts --device cuda --json "$OUT/bench_pair_counts_cuda.json" \
   2>&1 | tee "$OUT/bench_pair_counts_cuda.txt"
+timeout 120 python -m benchmarks.bench_cka --device cuda --no-peer --json "$OUT/bench_cka_cuda.json" \
+  2>&1 | tee "$OUT/bench_cka_cuda.txt"
 # Corruptions: CPU-vs-CUDA equality tests, then images/s at 224 px (target 5,000 img/s), batch 64 and 256.
 DIVFAST_REQUIRE_CUDA=1 timeout 200 python -m pytest -q tests/test_corruptions.py -k cuda 2>&1 | tail -15 \
   | tee "$OUT/pytest_corruptions_cuda.txt"

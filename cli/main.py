@@ -86,28 +86,46 @@ def info(as_json):
             click.echo(f"{key}: {value}")
 
 
+METRICS = ("prediction", "attribution", "representation")
+
+
+def _parse_metrics(text: str) -> set[str]:
+    """``--metrics``: a comma-separated subset of METRICS, or ``all``."""
+    names = _split(text)
+    if names == ["all"]:
+        return set(METRICS)
+    bad = [n for n in names if n not in METRICS]
+    if bad or not names:
+        raise DivfastError(f"--metrics: expected a comma-separated list of {', '.join(METRICS)} or "
+                           f"'all', got {text!r}")
+    return set(names)
+
+
 def _run_eval(paths, dataset, data, batch_size, device, as_json, out, progress, workers=0, seed=0,
-              **attribution):
+              **options):
     """Loads the members at ``paths`` and evaluates them (see :func:`_eval_loaded`)."""
     from divfast.corruptions import parse_dataset_spec
     from divfast.data import load_members
-    from divfast.ensembles.evaluate import check_attribution_options
+    from divfast.ensembles.evaluate import check_attribution_options, check_representation_options
 
+    attribution = {k: v for k, v in options.items() if k.startswith(("attribution", "ig_"))}
     defaults = {"attribution": "saliency", "ig_steps": 10, "attribution_target": "label",
                 "attribution_normalize": "none"}
     check_attribution_options(**{**defaults, **attribution})  # before a slow member load
+    check_representation_options(options.get("cka_kernel", "linear"), options.get("rbf_bandwidth", 0.5))
     parse_dataset_spec(dataset)
     loaded = load_members(paths, _device(device))
     return _eval_loaded(loaded, paths, dataset, data, batch_size, device, as_json, out, progress,
-                        workers, seed, **attribution)
+                        workers, seed, **options)
 
 
 def _eval_loaded(loaded, paths, dataset, data, batch_size, device, as_json, out, progress, workers=0,
                  seed=0, quiet=False, attribution="saliency", ig_steps=10,
-                 attribution_target="label", attribution_normalize="none"):
-    """Evaluates loaded members on ``dataset``; writes ``out/report.json`` and, unless
-    ``attribution`` is "none", the attribution grid ``out/attributions.png``; prints unless
-    ``quiet``."""
+                 attribution_target="label", attribution_normalize="none", representation=False,
+                 layers=None, cka_kernel="linear", rbf_bandwidth=0.5):
+    """Evaluates loaded members on ``dataset``; writes ``out/report.json``, unless ``attribution``
+    is "none" the attribution grid ``out/attributions.png``, and with ``representation`` the CKA
+    maps ``out/cka_maps.png``; prints unless ``quiet``."""
     from divfast.corruptions import format_dataset_spec, parse_dataset_spec
     from divfast.data import build_dataset
     from divfast.ensembles import evaluate
@@ -118,12 +136,17 @@ def _eval_loaded(loaded, paths, dataset, data, batch_size, device, as_json, out,
     check_attribution_options(attribution, ig_steps, attribution_target, attribution_normalize)
     spec = format_dataset_spec(*parse_dataset_spec(dataset))
     ds = build_dataset(spec, data=data, image_size=loaded[0].info.input_size[-1], seed=seed)
+    if representation:  # resolves --layers (no hooks yet): a bad glob fails before --out is made
+        from divfast.ensembles.features import GramCapture
+
+        GramCapture(loaded, layers, kernel=cka_kernel, bandwidth=rbf_bandwidth)
     if out:
         ensure_dir(out)  # before the pass: a bad --out fails fast
     report = evaluate(loaded, ds, spec, batch_size=batch_size, device=_device(device),
                       progress=progress, num_workers=workers, attribution=attribution,
                       ig_steps=ig_steps, attribution_target=attribution_target,
-                      attribution_normalize=attribution_normalize)
+                      attribution_normalize=attribution_normalize, representation=representation,
+                      layers=layers, cka_kernel=cka_kernel, rbf_bandwidth=rbf_bandwidth)
     report["member_files"] = list(paths)
     if spec != "clean":
         report["corruption_seed"] = seed
@@ -135,6 +158,12 @@ def _eval_loaded(loaded, paths, dataset, data, batch_size, device, as_json, out,
             written.append(os.path.join(out, "attributions.png"))
             _attribution_grid(loaded, ds, spec, report, written[-1], device, attribution, ig_steps,
                               attribution_target)
+        if report.get("representation"):
+            from divfast.report import draw_cka_maps
+
+            written.append(os.path.join(out, "cka_maps.png"))  # one member: its own layer map
+            draw_cka_maps(report["representation"], written[-1],
+                          pairs="cross" if len(loaded) > 1 else "all")
     if quiet:
         return report
     if as_json:
@@ -174,8 +203,9 @@ def _attribution_grid(loaded, ds, spec, report, path, device, attribution, ig_st
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--out", type=click.Path(), default=None,
-              help="Directory for report.json and attributions.png (the first "
-                   f"{GRID_SAMPLES} images and each member's saliency-masked copy).")
+              help="Directory for report.json, attributions.png (the first "
+                   f"{GRID_SAMPLES} images and each member's saliency-masked copy) and, with "
+                   "representation metrics, cka_maps.png (layer x layer CKA of each member pair).")
 @click.option("--workers", default=0, show_default=True, type=int, help="Data-loader processes.")
 @click.option("--attribution", default="saliency", show_default=True,
               type=click.Choice(ATTRIBUTION_METHODS),
@@ -190,15 +220,33 @@ def _attribution_grid(loaded, ds, spec, report, path, device, attribution, ig_st
 @click.option("--attribution-normalize", default="none", show_default=True,
               type=click.Choice(ATTRIBUTION_NORMALIZATIONS),
               help="Scale each map by its l1 norm, l2 norm or maximum before the variance.")
+@click.option("--metrics", default="prediction,attribution", show_default=True,
+              help="Diversity to measure: a comma-separated list of prediction, attribution, "
+                   "representation (minibatch CKA between layers, paper Eq. 6), or all. Accuracy "
+                   "and prediction diversity are always reported.")
+@click.option("--layers", default=None,
+              help="Layers compared by the representation metric: comma-separated globs over "
+                   "each member's module names, e.g. 'layer*' or '*'; default: timm's feature "
+                   "stages, else every top-level block.")
+@click.option("--cka-kernel", default="linear", show_default=True,
+              type=click.Choice(("linear", "rbf")), help="CKA kernel.")
+@click.option("--rbf-bandwidth", default=0.5, show_default=True, type=float,
+              help="RBF width as a fraction of the median pairwise distance (per batch).")
 @click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
 @_user_errors
 def eval_cmd(members, dataset, data, seed, batch_size, device, as_json, out, workers, attribution,
-             ig_steps, attribution_target, attribution_normalize, progress):
-    """Evaluate an ensemble: member and ensemble accuracy, gain, prediction and attribution
-    diversity."""
+             ig_steps, attribution_target, attribution_normalize, metrics, layers, cka_kernel,
+             rbf_bandwidth, progress):
+    """Evaluate an ensemble: member and ensemble accuracy, gain, prediction, attribution and
+    representation diversity."""
+    chosen = _parse_metrics(metrics)
     _run_eval(_split(members), dataset, data, batch_size, device, as_json, out, progress, workers,
-              seed=seed, attribution=attribution, ig_steps=ig_steps,
-              attribution_target=attribution_target, attribution_normalize=attribution_normalize)
+              seed=seed, attribution=attribution if "attribution" in chosen else "none",
+              ig_steps=ig_steps, attribution_target=attribution_target,
+              attribution_normalize=attribution_normalize,
+              representation="representation" in chosen,
+              layers=_split(layers) if layers is not None else None, cka_kernel=cka_kernel,
+              rbf_bandwidth=rbf_bandwidth)
 
 
 @cli.command()

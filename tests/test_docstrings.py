@@ -15,6 +15,7 @@ MODULES = [
     "divfast.functional.attribution",
     "divfast.metrics.attribution",
     "divfast.report.attribution_grid",
+    "divfast.ensembles.features",
     "divfast.report.cka_maps",
     "divfast.functional.representation",
     "divfast.metrics.representation",

@@ -10,7 +10,10 @@ for a figure (paper Figure 11).
 
 from __future__ import annotations
 
+import contextlib
+import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +22,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from divfast.data.members import Member
 from divfast.errors import DivfastError
 from divfast.functional.prediction import undefined_softmax_members
-from divfast.metrics import AttributionDiversity, PredictionDiversity
+from divfast.ensembles.features import GramCapture
+from divfast.functional.representation import cross_member_cka_by_depth
+from divfast.metrics import AttributionDiversity, PredictionDiversity, RepresentationSimilarity
 
 SCHEMA = "divfast.eval/1"
 # The CLI's choices (cli/main.py repeats them so `divfast --help` needs no torch; a test keeps the
@@ -75,6 +80,16 @@ def check_attribution_options(attribution: str, ig_steps: int, attribution_targe
                            f"got {attribution_normalize!r}")
 
 
+def check_representation_options(cka_kernel: str, rbf_bandwidth: float) -> None:
+    """Raises a DivfastError naming the CLI option for a bad representation setting."""
+    if cka_kernel not in ("linear", "rbf"):
+        raise DivfastError(f"cka_kernel (--cka-kernel): expected 'linear' or 'rbf', got {cka_kernel!r}")
+    if (isinstance(rbf_bandwidth, bool) or not isinstance(rbf_bandwidth, (int, float))
+            or not math.isfinite(rbf_bandwidth) or rbf_bandwidth <= 0):
+        raise DivfastError(f"rbf_bandwidth (--rbf-bandwidth): expected a positive number, got "
+                           f"{rbf_bandwidth!r}")
+
+
 def _batch_maps(members: list[Member], x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor,
                 method: str, target: str, ig_steps: int) -> torch.Tensor:
     """The members' maps ``(M, B, 3, H, W)`` of one batch whose logits ``(M, B, C)`` are known.
@@ -102,7 +117,9 @@ def evaluate(members: list[Member], dataset: Dataset, dataset_spec: str = "clean
              batch_size: int = 128, device: str | torch.device = "cpu", progress: bool = True,
              member_names: list[str] | None = None, num_workers: int = 0,
              attribution: str = "saliency", ig_steps: int = 10, attribution_target: str = "label",
-             attribution_normalize: str = "none") -> dict:
+             attribution_normalize: str = "none", representation: bool = False,
+             layers: Sequence[str] | Sequence[Sequence[str]] | None = None,
+             cka_kernel: str = "linear", rbf_bandwidth: float = 0.5) -> dict:
     """Evaluates ``members`` (logit averaging) on ``dataset``; returns the report dict.
 
     The report (schema ``divfast.eval/1``) holds per-member top-1/top-5 and parameter counts, the
@@ -118,6 +135,15 @@ def evaluate(members: list[Member], dataset: Dataset, dataset_spec: str = "clean
     :func:`divfast.functional.attribution.subset_diversity` gives any sub-ensemble's diversity)}``,
     or None with ``attribution="none"``. The key was added within schema ``divfast.eval/1``: readers
     of the older reports ignore it, readers of new ones must accept its absence (older reports).
+
+    With ``representation=True`` it holds ``"representation"`` (else None; added within the schema
+    the same way): minibatch CKA (paper Eq. 6) between every (member, layer) pair, from Gram matrices
+    formed inside the members' forward pass by :class:`divfast.ensembles.features.GramCapture` and
+    unbiased HSIC sums (``divfast::hsic``): ``{"kernel", "bandwidth" (None unless rbf), "members",
+    "layers" (per member), "names" (G, ``"<member>/<layer>"``), "cka" (G x G), "by_depth" (per
+    depth of :func:`divfast.functional.representation.depth_alignment`: the layer of each member
+    and their mean cross-member CKA), "mean_cross_member_cka", "batches", "skipped_samples"}``.
+    Batches of fewer than 4 samples (a short last batch) are skipped and counted.
 
     The maps are taken w.r.t. the images in [0, 1] by
     :func:`divfast.attribution.member_attributions` (members in eval mode, gradients enabled even
@@ -140,14 +166,22 @@ def evaluate(members: list[Member], dataset: Dataset, dataset_spec: str = "clean
             ``"member"`` each member's prediction, ``"ensemble"`` the ensemble's prediction.
         attribution_normalize: ``"none"``, ``"l1"``, ``"l2"`` or ``"max"``: each map scaled by
             its norm before the variance (see :func:`divfast.functional.attribution_diversity`).
+        representation: also measure representation similarity (CKA between layers).
+        layers: glob patterns of the layers to compare (``named_modules`` names relative to each
+            member's model, e.g. ``["layer*"]``), one list for every member or one list per member;
+            default: timm's ``feature_info`` stages, else every top-level block.
+        cka_kernel: ``"linear"`` or ``"rbf"``; rbf_bandwidth: the RBF width as a fraction of each
+            batch's median distance.
 
     Returns:
         The report: plain Python types (floats may be NaN where a measure is undefined).
 
     Raises:
-        DivfastError: bad arguments (``batch_size``, ``num_workers``, the attribution options, each
-            naming its CLI option), members whose classes do not match the dataset's, labels out of
-            range, a member producing NaN or +inf logits or non-finite maps.
+        DivfastError: bad arguments (``batch_size``, ``num_workers``, the attribution and
+            representation options, ``layers`` matching no module, each naming its CLI option),
+            members whose classes do not match the dataset's, labels out of range, a member
+            producing NaN or +inf logits or non-finite maps; with ``representation``, no batch of
+            at least 4 samples (naming ``--batch-size``) or a non-finite layer output.
     """
     from tqdm import tqdm
 
@@ -157,6 +191,9 @@ def evaluate(members: list[Member], dataset: Dataset, dataset_spec: str = "clean
         raise DivfastError(f"num_workers (--workers): expected >= 0, got {num_workers}")
     check_attribution_options(attribution, ig_steps, attribution_target, attribution_normalize)
     check_dataset_classes(members, dataset, dataset_spec)
+    check_representation_options(cka_kernel, rbf_bandwidth)
+    capture = (GramCapture(members, layers, kernel=cka_kernel, bandwidth=rbf_bandwidth)
+               if representation else None)  # resolves the layers: a bad glob fails before the pass
     m = len(members)
     names = member_names or [mb.name for mb in members]
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
@@ -166,25 +203,31 @@ def evaluate(members: list[Member], dataset: Dataset, dataset_spec: str = "clean
                    else AttributionDiversity(num_members=m, normalize=attribution_normalize))
     top5 = torch.zeros(m, dtype=torch.long)
     ens5 = n = 0
-    for x, y in tqdm(loader, desc=f"eval {dataset_spec}", file=sys.stderr, disable=not progress,
-                     leave=False, dynamic_ncols=True):
-        x, y = x.to(device), y.to(device)
-        logits = torch.stack([member(x).float() for member in members])  # (M, B, C)
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-            raise DivfastError(f"--dataset: {dataset_spec!r} has labels outside the members' "
-                               f"{num_classes} classes [0, {num_classes})")
-        bad = undefined_softmax_members(logits)  # a model fault: name the member
-        if bool(bad.any()):
-            raise DivfastError(f"--members: {names[int(bad.nonzero()[0])]!r} produced NaN or "
-                               f"infinite logits on {dataset_spec!r} (samples {n}..{n + len(y) - 1}); "
-                               "its weights may be corrupt")
-        metric.update(logits, y)
-        if maps_metric is not None:
-            maps_metric.update(_batch_maps(members, x, y, logits, attribution, attribution_target,
-                                           ig_steps))  # (M, B, 3, H, W) in, sums kept
-        top5 += _topk_correct(logits, y, 5).cpu()
-        ens5 += int(_topk_correct(logits.mean(dim=0), y, 5))  # the paper's averaging consensus
-        n += len(y)
+    rep_metric = None if capture is None else RepresentationSimilarity(capture.names, cka_kernel,
+                                                                       rbf_bandwidth)
+    with capture if capture is not None else contextlib.nullcontext():
+        for x, y in tqdm(loader, desc=f"eval {dataset_spec}", file=sys.stderr, disable=not progress,
+                         leave=False, dynamic_ncols=True):
+            x, y = x.to(device), y.to(device)
+            with capture.recording() if capture is not None else contextlib.nullcontext():
+                logits = torch.stack([member(x).float() for member in members])  # (M, B, C)
+            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+                raise DivfastError(f"--dataset: {dataset_spec!r} has labels outside the members' "
+                                   f"{num_classes} classes [0, {num_classes})")
+            bad = undefined_softmax_members(logits)  # a model fault: name the member
+            if bool(bad.any()):
+                raise DivfastError(f"--members: {names[int(bad.nonzero()[0])]!r} produced NaN or "
+                                   f"infinite logits on {dataset_spec!r} (samples {n}..{n + len(y) - 1}); "
+                                   "its weights may be corrupt")
+            metric.update(logits, y)
+            if rep_metric is not None:
+                rep_metric.update_grams(capture.pop())  # (G, n, n), formed inside the forward pass
+            if maps_metric is not None:
+                maps_metric.update(_batch_maps(members, x, y, logits, attribution, attribution_target,
+                                               ig_steps))  # (M, B, 3, H, W) in, sums kept
+            top5 += _topk_correct(logits, y, 5).cpu()
+            ens5 += int(_topk_correct(logits.mean(dim=0), y, 5))  # the paper's averaging consensus
+            n += len(y)
     if n == 0:
         raise DivfastError(f"--dataset: {dataset_spec!r} has no samples")
     div = metric.compute()
@@ -211,7 +254,34 @@ def evaluate(members: list[Member], dataset: Dataset, dataset_spec: str = "clean
         "pairwise": pairwise,
         "attribution": _attribution_block(maps_metric, attribution, ig_steps, attribution_target,
                                           attribution_normalize),
+        "representation": _representation_block(rep_metric, capture, names, cka_kernel, rbf_bandwidth),
     }
+
+
+def _representation_block(metric: RepresentationSimilarity | None, capture: GramCapture | None,
+                          names: list[str], kernel: str, bandwidth: float) -> dict | None:
+    if metric is None:
+        return None
+    if metric.state is None:
+        raise DivfastError(f"representation: no batch had the 4 samples the unbiased HSIC needs "
+                           f"({metric.skipped} samples seen); use --batch-size >= 4 and a dataset "
+                           "of at least 4 images")
+    result = metric.compute()
+    counts = [len(layers) for layers in capture.layers]
+    rows = cross_member_cka_by_depth(result["cka"], counts)
+    for row in rows:
+        row["layers"] = [capture.layers[i][k] for i, k in enumerate(row.pop("indices"))]
+    means = [row["mean_cross_member_cka"] for row in rows if row["mean_cross_member_cka"] is not None]
+    # "<member>/<layer>" with the report's member names (member_names may differ from each
+    # Member's own name); indices, as GramCapture labels them, when those names are not distinct
+    labels = names if len(set(names)) == len(names) and all(names) else None
+    grams = capture.names if labels is None else [
+        f"{label}/{layer}" for label, layers in zip(labels, capture.layers) for layer in layers]
+    return {"kernel": kernel, "bandwidth": bandwidth if kernel == "rbf" else None,
+            "members": list(names), "layers": [list(layers) for layers in capture.layers],
+            "names": grams, "cka": result["cka"], "by_depth": rows,
+            "mean_cross_member_cka": sum(means) / len(means) if means else None,
+            "batches": result["batches"], "skipped_samples": result["skipped_samples"]}
 
 
 def _attribution_block(metric: AttributionDiversity | None, method: str, ig_steps: int,

@@ -22,6 +22,7 @@ Zero-variance features (a constant layer) have HSIC(K, K) = 0; their CKA with an
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -131,3 +132,57 @@ def cka(x: torch.Tensor, y: torch.Tensor, kernel: str = "linear", debiased: bool
         flat = centred.reshape(2, -1)
         hsic = flat @ flat.T / max(n - 1, 1) ** 2
     return float(cka_from_hsic(hsic)[0, 1])
+
+
+def depth_alignment(layer_counts: Sequence[int]) -> list[list[int]]:
+    """For members with ``layer_counts[i]`` chosen layers each, the layer index of every member at each
+    of ``D = min(layer_counts)`` depths: member i's layer nearest relative depth ``d / (D - 1)``, i.e.
+    ``round(d (L_i - 1) / (D - 1))`` (members with the same count line up index by index; depth 0 is
+    every member's first layer and depth D - 1 its last). Returns ``D`` rows of one index per member.
+
+    Example:
+        >>> depth_alignment([5, 9])
+        [[0, 0], [1, 2], [2, 4], [3, 6], [4, 8]]
+    """
+    if not layer_counts or min(layer_counts) < 1:
+        raise DivfastError(f"layers: every member needs at least one layer, got counts {list(layer_counts)}")
+    depths = min(layer_counts)
+    if depths == 1:
+        return [[0 for _ in layer_counts]]
+    return [[int(math.floor(d * (count - 1) / (depths - 1) + 0.5)) for count in layer_counts]
+            for d in range(depths)]
+
+
+def cross_member_cka_by_depth(cka_matrix: torch.Tensor | Sequence[Sequence[float]],
+                              layer_counts: Sequence[int]) -> list[dict]:
+    """Mean CKA across members at each depth of :func:`depth_alignment`.
+
+    Args:
+        cka_matrix: ``(G, G)`` CKA of every (member, layer), member-major, ``G = sum(layer_counts)``.
+        layer_counts: layers per member.
+
+    Returns:
+        One ``{"depth", "relative_depth", "indices", "mean_cross_member_cka"}`` per depth: the mean
+        over member pairs i < j of the CKA between member i's and member j's layer at that depth
+        (None with a single member).
+
+    Example:
+        >>> rows = cross_member_cka_by_depth(torch.eye(4), [2, 2])
+        >>> [r["mean_cross_member_cka"] for r in rows]
+        [0.0, 0.0]
+    """
+    cka_matrix = torch.as_tensor(cka_matrix, dtype=torch.float64)
+    g = sum(layer_counts)
+    if tuple(cka_matrix.shape) != (g, g):
+        raise DivfastError(f"cka_matrix: expected {g} x {g} (the layers of every member), got "
+                           f"{tuple(cka_matrix.shape)}")
+    offsets = [sum(layer_counts[:i]) for i in range(len(layer_counts))]
+    alignment = depth_alignment(layer_counts)
+    rows = []
+    for d, indices in enumerate(alignment):
+        flat = [offsets[i] + k for i, k in enumerate(indices)]
+        values = [float(cka_matrix[flat[i], flat[j]]) for i in range(len(flat)) for j in range(i + 1, len(flat))]
+        rows.append({"depth": d, "relative_depth": d / (len(alignment) - 1) if len(alignment) > 1 else 0.0,
+                     "indices": indices,
+                     "mean_cross_member_cka": sum(values) / len(values) if values else None})
+    return rows

@@ -54,7 +54,21 @@ class RepresentationSimilarity:
         if features and features[0].shape[0] < MIN_BATCH:
             self.skipped += int(features[0].shape[0])
             return
-        hsic = hsic_matrix_from_grams(gram_matrices(features, self.kernel, self.bandwidth))
+        self.update_grams(gram_matrices(features, self.kernel, self.bandwidth))
+
+    def update_grams(self, grams: torch.Tensor) -> None:
+        """Adds one batch given as its Gram matrices ``(G, n, n)`` (e.g. from
+        :class:`divfast.ensembles.features.GramCapture`, which forms them inside the forward pass);
+        a batch of n < 4 samples is skipped and counted."""
+        if grams.dim() != 3 or grams.shape[1] != grams.shape[2]:
+            raise DivfastError(f"grams: expected (G, n, n), got {tuple(grams.shape)}")
+        if self.names is not None and grams.shape[0] != len(self.names):
+            raise DivfastError(f"grams: expected {len(self.names)} Gram matrices (one per name), "
+                               f"got {grams.shape[0]}")
+        if grams.shape[1] < MIN_BATCH:
+            self.skipped += int(grams.shape[1])
+            return
+        hsic = hsic_matrix_from_grams(grams)
         stats = {"hsic": hsic, "batches": torch.ones((), dtype=torch.int64, device=hsic.device)}
         if self.state is None:
             self.state = stats

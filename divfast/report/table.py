@@ -84,8 +84,8 @@ def representation_table(block: dict):
     if kernel == "rbf" and block.get("bandwidth") is not None:
         kernel += f", bandwidth {block['bandwidth']:g}"
     members = [escape(str(name)) for name in block["members"]]
-    table = Table(title=f"representation similarity (minibatch CKA, {kernel})",
-                  title_justify="left")
+    title = f"representation similarity (minibatch CKA, {kernel})"
+    table = Table(title=title, title_justify="left", min_width=len(title))  # the title never wraps
     table.add_column("depth", justify="right")
     per_member = len(members) <= REPRESENTATION_MEMBER_COLUMNS
     for name in members if per_member else [f"layers ({' / '.join(members)})"]:
