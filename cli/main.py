@@ -122,10 +122,12 @@ def _run_eval(paths, dataset, data, batch_size, device, as_json, out, progress, 
 def _eval_loaded(loaded, paths, dataset, data, batch_size, device, as_json, out, progress, workers=0,
                  seed=0, quiet=False, attribution="saliency", ig_steps=10,
                  attribution_target="label", attribution_normalize="none", representation=False,
-                 layers=None, cka_kernel="linear", rbf_bandwidth=0.5):
+                 layers=None, cka_kernel="linear", rbf_bandwidth=0.5, gram_dtype="float32"):
     """Evaluates loaded members on ``dataset``; writes ``out/report.json``, unless ``attribution``
     is "none" the attribution grid ``out/attributions.png``, and with ``representation`` the CKA
     maps ``out/cka_maps.png``; prints unless ``quiet``."""
+    import torch
+
     from divfast.corruptions import format_dataset_spec, parse_dataset_spec
     from divfast.data import build_dataset
     from divfast.ensembles import evaluate
@@ -146,7 +148,8 @@ def _eval_loaded(loaded, paths, dataset, data, batch_size, device, as_json, out,
                       progress=progress, num_workers=workers, attribution=attribution,
                       ig_steps=ig_steps, attribution_target=attribution_target,
                       attribution_normalize=attribution_normalize, representation=representation,
-                      layers=layers, cka_kernel=cka_kernel, rbf_bandwidth=rbf_bandwidth)
+                      layers=layers, cka_kernel=cka_kernel, rbf_bandwidth=rbf_bandwidth,
+                      gram_dtype=getattr(torch, gram_dtype))
     report["member_files"] = list(paths)
     if spec != "clean":
         report["corruption_seed"] = seed
@@ -232,11 +235,15 @@ def _attribution_grid(loaded, ds, spec, report, path, device, attribution, ig_st
               type=click.Choice(("linear", "rbf")), help="CKA kernel.")
 @click.option("--rbf-bandwidth", default=0.5, show_default=True, type=float,
               help="RBF width as a fraction of the median pairwise distance (per batch).")
+@click.option("--gram-dtype", default="float32", show_default=True,
+              type=click.Choice(("float32", "float64")),
+              help="Precision of the layer Gram products (the features are centred first; the "
+                   "HSIC sums are float64 either way).")
 @click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
 @_user_errors
 def eval_cmd(members, dataset, data, seed, batch_size, device, as_json, out, workers, attribution,
              ig_steps, attribution_target, attribution_normalize, metrics, layers, cka_kernel,
-             rbf_bandwidth, progress):
+             rbf_bandwidth, gram_dtype, progress):
     """Evaluate an ensemble: member and ensemble accuracy, gain, prediction, attribution and
     representation diversity."""
     chosen = _parse_metrics(metrics)
@@ -246,7 +253,7 @@ def eval_cmd(members, dataset, data, seed, batch_size, device, as_json, out, wor
               attribution_normalize=attribution_normalize,
               representation="representation" in chosen,
               layers=_split(layers) if layers is not None else None, cka_kernel=cka_kernel,
-              rbf_bandwidth=rbf_bandwidth)
+              rbf_bandwidth=rbf_bandwidth, gram_dtype=gram_dtype)
 
 
 @cli.command()

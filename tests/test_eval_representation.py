@@ -59,6 +59,7 @@ def small():
 
 def _report(members, data, batch_size=10, **kw):
     kw.setdefault("attribution", "none")
+    kw.setdefault("gram_dtype", torch.float64)  # exact comparisons; float32 has its own test
     return evaluate(members, data, "clean", batch_size=batch_size, progress=False, **kw)
 
 
@@ -510,8 +511,19 @@ def test_cli_json_matches_the_library(ckpts, few_images):
     from divfast.data import load_members
 
     lib = _report(load_members(ckpts), few_images, representation=True, cka_kernel="rbf",
-                  rbf_bandwidth=1.5, layers=["layer*", "fc"])
-    assert json.dumps(lib["representation"]) == json.dumps(block)
+                  rbf_bandwidth=1.5, layers=["layer*", "fc"], gram_dtype=torch.float32)
+    assert json.dumps(lib["representation"]) == json.dumps(block)  # the CLI's default: float32
+
+
+def test_float32_gram_products_agree_with_float64(members, small):
+    """The default float32 Gram products (features centred first) against float64 ones."""
+    for kernel in ("linear", "rbf"):
+        f32 = _report(members, small, representation=True, layers=["*"], cka_kernel=kernel,
+                      gram_dtype=torch.float32)["representation"]
+        f64 = _report(members, small, representation=True, layers=["*"], cka_kernel=kernel,
+                      gram_dtype=torch.float64)["representation"]
+        diff = (torch.tensor(f32["cka"]) - torch.tensor(f64["cka"])).abs().max()
+        assert diff < 1e-6, (kernel, float(diff))
 
 
 def test_cli_single_member_draws_its_self_map(ckpts, tmp_path, few_images, monkeypatch):

@@ -181,7 +181,7 @@ def test_bad_options():
 @pytest.mark.parametrize("kernel", ["linear", "rbf"])
 def test_grams_equal_those_of_a_manual_forward(member, images, kernel):
     layers = ["act1"] + STAGES + ["global_pool", "fc"]
-    with GramCapture([member], layers, kernel=kernel) as capture:
+    with GramCapture([member], layers, kernel=kernel, gram_dtype=torch.float64) as capture:
         with capture.recording():
             logits = member(images)
         grams = capture.pop()
@@ -212,7 +212,7 @@ def test_float32_products_return_float64_close_to_float64(member, images, kernel
 def test_grams_of_a_sequential_equal_a_manual_forward(gen):
     net = mlp()
     x = torch.randn(8, 6, generator=gen)
-    with GramCapture([net], ["fc1", "block.1", "fc2"]) as capture, capture.recording():
+    with GramCapture([net], ["fc1", "block.1", "fc2"], gram_dtype=torch.float64) as capture, capture.recording():
         net(x)
     h = net.act(net.fc1(x))
     want = torch.stack([centred_gram(net.fc1(x)), centred_gram(net.block(h)),
@@ -269,7 +269,7 @@ def test_batch_gram_rbf_rule_and_degenerate_batches(gen):
 def test_inplace_op_after_the_hooked_module_does_not_change_its_gram(gen):
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True)).eval()
     x = torch.randn(8, 3, 6, 6, generator=gen)
-    with GramCapture([net], ["1"]) as capture, capture.recording():
+    with GramCapture([net], ["1"], gram_dtype=torch.float64) as capture, capture.recording():
         net(x)
     bn_out = net[1](net[0](x))
     assert (bn_out < 0).any()  # the ReLU does change it
@@ -282,7 +282,7 @@ def test_an_unchanged_output_reuses_its_gram_one_changed_in_place_does_not(gen, 
     monkeypatch.setattr(features, "_gram", lambda *args: calls.append(1) or gram(*args))
     net = nn.Sequential(nn.BatchNorm1d(5), nn.Identity(), nn.ReLU(inplace=True), nn.Identity())
     x = torch.randn(8, 5, generator=gen)
-    with GramCapture([net], ["*"]) as capture, capture.recording():
+    with GramCapture([net], ["*"], gram_dtype=torch.float64) as capture, capture.recording():
         net(x)
     got = capture.pop()
     assert len(calls) == 2  # the BatchNorm and the ReLU; each Identity reuses
@@ -295,7 +295,7 @@ def test_grams_under_inference_mode_equal_those_under_no_grad(member, images):
     """Inference tensors have no version counter, so nothing is reused there: both paths agree."""
     out = []
     for mode in (torch.no_grad, torch.inference_mode):
-        with GramCapture([member], ["*"]) as capture, mode():
+        with GramCapture([member], ["*"], gram_dtype=torch.float64) as capture, mode():
             with capture.recording():
                 member(images)
             out.append(capture.pop())
@@ -343,7 +343,7 @@ def test_hooks_are_removed_on_exit_and_on_an_exception(member, images):
 def test_hooks_record_only_inside_recording(gen):
     net = mlp()
     x1, x2 = torch.randn(8, 6, generator=gen), torch.randn(8, 6, generator=gen)
-    with GramCapture([net], ["fc1"]) as capture:
+    with GramCapture([net], ["fc1"], gram_dtype=torch.float64) as capture:
         net(x1)
         with pytest.raises(RuntimeError, match="no recorded forward of member"):
             capture.pop()
@@ -363,7 +363,7 @@ def test_hooks_record_only_inside_recording(gen):
 
 def test_every_member_must_run(gen):
     a, b = mlp(), mlp()
-    with GramCapture([a, b], ["fc1"]) as capture:
+    with GramCapture([a, b], ["fc1"], gram_dtype=torch.float64) as capture:
         with capture.recording():
             a(torch.randn(8, 6, generator=gen))
         with pytest.raises(RuntimeError, match="member.s. 1 since the last pop"):
@@ -385,7 +385,7 @@ class Branchy(nn.Module):
 
 def test_a_layer_off_the_forward_path_is_named(gen):
     net = Branchy()
-    with GramCapture([net], ["fc", "unused"]) as capture:
+    with GramCapture([net], ["fc", "unused"], gram_dtype=torch.float64) as capture:
         with capture.recording():
             net(torch.randn(8, 4, generator=gen))
         with pytest.raises(DivfastError, match=r"layers \(--layers\): 0/unused did not run"):
@@ -394,7 +394,7 @@ def test_a_layer_off_the_forward_path_is_named(gen):
 
 def test_a_layer_called_twice_is_an_error(gen):
     net = Branchy(twice=True)
-    with GramCapture([net], ["shared"]) as capture:
+    with GramCapture([net], ["shared"], gram_dtype=torch.float64) as capture:
         net(torch.randn(8, 4, generator=gen))  # not recorded: no error
         with capture.recording():
             with pytest.raises(DivfastError, match="0/shared ran twice in one forward"):
@@ -417,11 +417,11 @@ def wrapped(make) -> nn.Sequential:
 def test_a_tuple_output_gives_its_first_tensor(gen):
     x = torch.randn(8, 5, generator=gen)
     net = wrapped(lambda x: ("meta", 2 * x, x))
-    with GramCapture([net], ["out"]) as capture, capture.recording():
+    with GramCapture([net], ["out"], gram_dtype=torch.float64) as capture, capture.recording():
         net(x)
     torch.testing.assert_close(capture.pop()[0], centred_gram(2 * x))
     net = nn.Sequential(OrderedDict(rnn=nn.LSTM(5, 3, batch_first=True)))  # (output, (h, c))
-    with GramCapture([net], ["rnn"]) as capture, capture.recording():
+    with GramCapture([net], ["rnn"], gram_dtype=torch.float64) as capture, capture.recording():
         output, _ = net(x[:, None])  # (8, 1, 3)
     torch.testing.assert_close(capture.pop()[0], centred_gram(output))
 
@@ -430,7 +430,7 @@ def test_a_tuple_output_gives_its_first_tensor(gen):
                                         (lambda x: x.sum(), "scalar")])
 def test_outputs_that_are_not_tensors_are_named(gen, make, kind):
     net = wrapped(make)
-    with GramCapture([net], ["out"]) as capture, capture.recording():
+    with GramCapture([net], ["out"], gram_dtype=torch.float64) as capture, capture.recording():
         with pytest.raises(DivfastError, match=rf"layers \(--layers\): 0/out returned a {kind}"):
             net(torch.randn(8, 5, generator=gen))
 
@@ -441,7 +441,7 @@ def test_a_non_finite_activation_is_named(gen):
     x = -torch.rand(8, 4, generator=gen) - 10.0  # log of negatives: NaN
     net.fc.weight.data = torch.eye(4)
     net.fc.bias.data.zero_()
-    with GramCapture([net], ["fc", "log", "out"]) as capture:
+    with GramCapture([net], ["fc", "log", "out"], gram_dtype=torch.float64) as capture:
         with capture.recording():
             net(x)
         with pytest.raises(DivfastError, match=r"non-finite values .* output of 0/log, 0/out"):
@@ -451,14 +451,14 @@ def test_a_non_finite_activation_is_named(gen):
 def test_outputs_must_share_the_batch_size(gen):
     net = nn.Sequential(OrderedDict(split=Returns(lambda x: x.reshape(2 * x.shape[0], -1)),
                                     join=Returns(lambda x: x.reshape(x.shape[0] // 2, -1))))
-    with GramCapture([net], ["split", "join"]) as capture:
+    with GramCapture([net], ["split", "join"], gram_dtype=torch.float64) as capture:
         with capture.recording():
             net(torch.randn(8, 6, generator=gen))
         with pytest.raises(DivfastError, match="output of 0/join has 8 samples, that of 0/split "
                                                "has 16; every captured output needs the batch"):
             capture.pop()
     other = wrapped(lambda x: x)
-    with GramCapture([other, mlp()], [["fc"], ["fc1"]]) as capture:
+    with GramCapture([other, mlp()], [["fc"], ["fc1"]], gram_dtype=torch.float64) as capture:
         with capture.recording():
             capture.members[0](torch.randn(8, 6, generator=gen))
             capture.members[1](torch.randn(5, 6, generator=gen))

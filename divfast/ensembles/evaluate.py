@@ -119,7 +119,8 @@ def evaluate(members: list[Member], dataset: Dataset, dataset_spec: str = "clean
              attribution: str = "saliency", ig_steps: int = 10, attribution_target: str = "label",
              attribution_normalize: str = "none", representation: bool = False,
              layers: Sequence[str] | Sequence[Sequence[str]] | None = None,
-             cka_kernel: str = "linear", rbf_bandwidth: float = 0.5) -> dict:
+             cka_kernel: str = "linear", rbf_bandwidth: float = 0.5,
+             gram_dtype: torch.dtype = torch.float32) -> dict:
     """Evaluates ``members`` (logit averaging) on ``dataset``; returns the report dict.
 
     The report (schema ``divfast.eval/1``) holds per-member top-1/top-5 and parameter counts, the
@@ -172,6 +173,9 @@ def evaluate(members: list[Member], dataset: Dataset, dataset_spec: str = "clean
             default: timm's ``feature_info`` stages, else every top-level block.
         cka_kernel: ``"linear"`` or ``"rbf"``; rbf_bandwidth: the RBF width as a fraction of each
             batch's median distance.
+        gram_dtype: the dtype of the Gram products of the features (``torch.float32``, the
+            default, at twice float64's speed, or ``torch.float64``); see
+            :class:`divfast.ensembles.features.GramCapture`.
 
     Returns:
         The report: plain Python types (floats may be NaN where a measure is undefined).
@@ -192,7 +196,8 @@ def evaluate(members: list[Member], dataset: Dataset, dataset_spec: str = "clean
     check_attribution_options(attribution, ig_steps, attribution_target, attribution_normalize)
     check_dataset_classes(members, dataset, dataset_spec)
     check_representation_options(cka_kernel, rbf_bandwidth)
-    capture = (GramCapture(members, layers, kernel=cka_kernel, bandwidth=rbf_bandwidth)
+    capture = (GramCapture(members, layers, kernel=cka_kernel, bandwidth=rbf_bandwidth,
+                           gram_dtype=gram_dtype)
                if representation else None)  # resolves the layers: a bad glob fails before the pass
     m = len(members)
     names = member_names or [mb.name for mb in members]

@@ -178,8 +178,8 @@ def _gram(x: torch.Tensor, kernel: str, bandwidth: float, dtype: torch.dtype) ->
         gram = torch.zeros(n, n, dtype=dtype, device=x.device)
         width = BLOCK_ELEMENTS.get(x.device.type, BLOCK_ELEMENTS["cuda"]) // max(n, 1)
         for block in x.split(max(1, width), dim=1):  # (n, <= width)
-            block = block.to(dtype, copy=True)  # a copy: the activation itself must not change
-            block -= block.mean(dim=0)
+            block = block.to(dtype)  # no copy when the dtype matches: the next line makes one
+            block = block - block.mean(dim=0)  # a new tensor: the activation itself never changes
             gram.addmm_(block, block.T)  # in place, so autocast leaves it in `dtype`
         gram = gram.to(torch.float64)
         return _rbf_from_gram(gram, bandwidth) if kernel == "rbf" else gram
@@ -278,8 +278,11 @@ class GramCapture:
             None for :func:`default_layers`; see :func:`resolve_layers`.
         kernel: ``"linear"`` or ``"rbf"``; ``bandwidth``: the RBF width as a fraction of the
             median distance (per batch).
-        gram_dtype: the dtype of the Gram products, ``torch.float64`` or ``torch.float32``; the
-            Grams are returned in float64 either way.
+        gram_dtype: the dtype of the Gram products: ``torch.float32`` (default: the products run
+            at float32 GEMM speed, about twice float64's, and the centring keeps them accurate:
+            CKA within about 3e-8 of float64 products on resnet18's 93 modules, see
+            benchmarks/RESULTS.md) or ``torch.float64``. The Grams are returned in float64
+            either way, and the HSIC sums are float64.
 
     Example:
         >>> from divfast.functional.representation import cka_from_hsic, hsic_matrix_from_grams
@@ -296,7 +299,7 @@ class GramCapture:
     def __init__(self, members: Sequence[nn.Module],
                  layers: Sequence[str] | Sequence[Sequence[str] | None] | None = None,
                  kernel: str = "linear", bandwidth: float = 0.5,
-                 gram_dtype: torch.dtype = torch.float64):
+                 gram_dtype: torch.dtype = torch.float32):
         _check_options(kernel, bandwidth, gram_dtype)
         self.members = list(members)
         if not self.members:
