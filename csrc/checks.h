@@ -97,6 +97,57 @@ inline void check_hsic_args(const at::Tensor& grams) {
                     "`grams` of n = ", grams.size(1));
 }
 
+// Validates ensemble_sweep's inputs; returns the rule code: 0 average, 1 vote, 2 median, 3 geometric.
+// Subset entries (range, distinct) are checked by the kernels, which read them anyway.
+inline int check_ensemble_sweep_args(const at::Tensor& logits, const at::Tensor& target,
+                                     const at::Tensor& subsets, c10::string_view rule) {
+  TORCH_CHECK_VALUE(logits.dim() == 3, "ensemble_sweep: `logits` must be (K, N, C) logits of K members, "
+                    "got shape ", logits.sizes());
+  const auto dt = logits.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+                   "ensemble_sweep: `logits` must be float16, bfloat16, float32 or float64, got ", dt);
+  TORCH_CHECK_VALUE(logits.size(0) >= 1 && logits.size(2) >= 1,
+                    "ensemble_sweep: `logits` needs K >= 1 members and C >= 1 classes, got shape ",
+                    logits.sizes());
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == logits.size(1),
+                    "ensemble_sweep: `target` must be (N,) with N = ", logits.size(1), ", got shape ",
+                    target.sizes());
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, "ensemble_sweep: `target` must be int64, got ",
+                   target.scalar_type());
+  TORCH_CHECK_VALUE(subsets.dim() == 2 && subsets.size(1) >= 1,
+                    "ensemble_sweep: `subsets` must be (S, k) member indices with k >= 1, got shape ",
+                    subsets.sizes());
+  TORCH_CHECK_TYPE(subsets.scalar_type() == at::kLong, "ensemble_sweep: `subsets` must be int64, got ",
+                   subsets.scalar_type());
+  TORCH_CHECK_VALUE(subsets.size(1) <= logits.size(0), "ensemble_sweep: subsets of k = ", subsets.size(1),
+                    " members from a pool of K = ", logits.size(0));
+  TORCH_CHECK_VALUE(target.device() == logits.device() && subsets.device() == logits.device(),
+                    "ensemble_sweep: `logits`, `target` and `subsets` must be on one device, got ",
+                    logits.device(), ", ", target.device(), ", ", subsets.device());
+  int code = -1;
+  if (rule == "average") code = 0;
+  if (rule == "vote") code = 1;
+  if (rule == "median") code = 2;
+  if (rule == "geometric") code = 3;
+  TORCH_CHECK_VALUE(code >= 0, "ensemble_sweep: `rule` must be one of average, vote, median, geometric, "
+                    "got '", std::string(rule), "'");
+  return code;
+}
+
+// Validates the subsets (S, k) on the host: every entry in [0, K), distinct within a row.
+inline void check_sweep_subsets(const int64_t* subsets, int64_t s, int64_t k, int64_t pool) {
+  for (int64_t r = 0; r < s; ++r) {
+    const int64_t* row = subsets + r * k;
+    for (int64_t j = 0; j < k; ++j) {
+      TORCH_CHECK_VALUE(row[j] >= 0 && row[j] < pool, "ensemble_sweep: `subsets` row ", r,
+                        " has member index ", row[j], " outside [0, ", pool, ")");
+      for (int64_t q = 0; q < j; ++q)
+        TORCH_CHECK_VALUE(row[q] != row[j], "ensemble_sweep: `subsets` row ", r, " repeats member ",
+                          row[j]);
+    }
+  }
+}
+
 // Shared by the CPU and CUDA hosts, defined in cpu/hsic.cpp. From the sums over pairs i != j of
 // products of the symmetric parts S (trace (G, G)), the products of their off-diagonal row sums
 // (rowdot (G, G)) and the totals (G,): the unbiased HSIC (G, G) float64 of Song et al. (2012).

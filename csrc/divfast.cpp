@@ -31,4 +31,11 @@ TORCH_LIBRARY(divfast, m) {
   // member x layer) of the same n >= 4 samples; only their symmetric parts are used.
   // Returns (G, G) float64: the unbiased HSIC (Song et al. 2012) of every pair, U-centring folded in.
   m.def("hsic(Tensor grams) -> Tensor");
+  // logits (K, N, C) float16/bfloat16/float32/float64 of a pool of K members; target (N,) int64;
+  // subsets (S, k) int64 rows of distinct member indices; rule: "average" | "vote" | "median" |
+  // "geometric". Returns, per subset, top1 (S,) and top5 (S,) int64 correct counts of the subset's
+  // consensus and histogram (S, k + 1) int64 of the number of correct members per sample.
+  m.def(
+      "ensemble_sweep(Tensor logits, Tensor target, Tensor subsets, str rule) -> "
+      "(Tensor top1, Tensor top5, Tensor histogram)");
 }

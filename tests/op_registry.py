@@ -73,9 +73,28 @@ def _hsic_samples(device, gen):
     ]
 
 
+def _ensemble_sweep_samples(device, gen):
+    def logits(k, n, c, dtype=torch.float32):
+        return torch.randn(k, n, c, generator=gen, dtype=torch.float64).to(dtype).to(device)
+
+    def target(n, c):
+        return torch.randint(0, c, (n,), generator=gen).to(device)
+
+    triples = torch.tensor([[0, 1, 2], [3, 1, 0], [2, 3, 4]], dtype=torch.int64).to(device)
+    return [
+        (logits(5, 37, 11), target(37, 11), triples, "average"),
+        (logits(5, 20, 300, torch.float64), target(20, 300), triples, "vote"),
+        (logits(5, 9, 4, torch.float16), target(9, 4), triples[:, :2], "median"),
+        (logits(5, 7, 6, torch.bfloat16), target(7, 6), triples, "geometric"),
+        (logits(9, 5, 3).transpose(0, 1)[:5], target(9, 3), triples, "vote"),  # non-contiguous
+        (logits(5, 0, 3), target(0, 3), triples, "average"),  # no samples
+    ]
+
+
 OPS = [
     OpCase("pair_counts", reference.pair_counts, _pair_counts_samples),
     OpCase("attribution_stats", reference.attribution_stats, _attribution_stats_samples, exact=False,
            tolerance={"rtol": 1e-5, "atol": 1e-6}),
     OpCase("hsic", reference.hsic, _hsic_samples, exact=False, tolerance={"rtol": 1e-9, "atol": 1e-12}),
+    OpCase("ensemble_sweep", reference.ensemble_sweep, _ensemble_sweep_samples),
 ]

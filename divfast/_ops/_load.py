@@ -15,7 +15,7 @@ import torch
 
 _STATE: dict = {"loaded": None, "error": None, "warned": False}
 
-OPS = ("pair_counts", "attribution_stats", "hsic")  # op families: divfast/_ops/<family>.py, csrc/{cpu,cuda}/<family>.*
+OPS = ("pair_counts", "attribution_stats", "hsic", "ensemble_sweep")  # op families: divfast/_ops/<family>.py, csrc/{cpu,cuda}/<family>.*
 
 
 def load_extension() -> bool:

@@ -196,3 +196,112 @@ def hsic(grams: torch.Tensor) -> torch.Tensor:
         raise ValueError("hsic: the products of `grams` overflow float64 (entries near 1e154); scale "
                          "the features down")
     return out
+
+
+SWEEP_RULES = ("average", "vote", "median", "geometric")
+SWEEP_RANK_CAP = 5  # ranks are counted up to here: top-1 is rank 0, top-5 rank < 5
+
+
+def check_ensemble_sweep_args(logits: torch.Tensor, target: torch.Tensor, subsets: torch.Tensor,
+                              rule: str) -> None:
+    """The argument checks of ``divfast::ensemble_sweep`` (same messages as csrc/checks.h)."""
+    if logits.dim() != 3:
+        raise ValueError("ensemble_sweep: `logits` must be (K, N, C) logits of K members, got shape "
+                         f"{list(logits.shape)}")
+    if logits.dtype not in _MAP_DTYPES:
+        raise TypeError("ensemble_sweep: `logits` must be float16, bfloat16, float32 or float64, got "
+                        f"{logits.dtype}")
+    if logits.shape[0] < 1 or logits.shape[2] < 1:
+        raise ValueError("ensemble_sweep: `logits` needs K >= 1 members and C >= 1 classes, got shape "
+                         f"{list(logits.shape)}")
+    if target.dim() != 1 or target.shape[0] != logits.shape[1]:
+        raise ValueError(f"ensemble_sweep: `target` must be (N,) with N = {logits.shape[1]}, got shape "
+                         f"{list(target.shape)}")
+    if target.dtype != torch.int64:
+        raise TypeError(f"ensemble_sweep: `target` must be int64, got {target.dtype}")
+    if subsets.dim() != 2 or subsets.shape[1] < 1:
+        raise ValueError("ensemble_sweep: `subsets` must be (S, k) member indices with k >= 1, got shape "
+                         f"{list(subsets.shape)}")
+    if subsets.dtype != torch.int64:
+        raise TypeError(f"ensemble_sweep: `subsets` must be int64, got {subsets.dtype}")
+    if subsets.shape[1] > logits.shape[0]:
+        raise ValueError(f"ensemble_sweep: subsets of k = {subsets.shape[1]} members from a pool of "
+                         f"K = {logits.shape[0]}")
+    if not (target.device == logits.device == subsets.device):
+        raise ValueError("ensemble_sweep: `logits`, `target` and `subsets` must be on one device, got "
+                         f"{logits.device}, {target.device}, {subsets.device}")
+    if rule not in SWEEP_RULES:
+        raise ValueError(f"ensemble_sweep: `rule` must be one of average, vote, median, geometric, got "
+                         f"{rule!r}")
+    pool = logits.shape[0]
+    rows = subsets.cpu()
+    for r, row in enumerate(rows.tolist()):
+        for j, member in enumerate(row):
+            if not 0 <= member < pool:
+                raise ValueError(f"ensemble_sweep: `subsets` row {r} has member index {member} outside "
+                                 f"[0, {pool})")
+            if member in row[:j]:
+                raise ValueError(f"ensemble_sweep: `subsets` row {r} repeats member {member}")
+
+
+def sweep_keys(z: torch.Tensor, argmax: torch.Tensor, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ranking keys ``(primary, secondary)`` ``(N, C)`` float64 of a subset's consensus, from its
+    members' logits ``z`` ``(k, N, C)`` float64 (subset order) and argmaxes ``(k, N)``: the summed
+    logits (average, geometric; summed in subset order), the median ((a + b) * 0.5 of the middle two
+    for even k), or (votes, summed logits) for vote. Higher ranks first; equal keys: lower index."""
+    total = z[0]
+    for j in range(1, z.shape[0]):
+        total = total + z[j]
+    zero = torch.zeros_like(total)
+    if rule in ("average", "geometric"):
+        return total, zero
+    if rule == "median":
+        ordered = torch.sort(z, dim=0).values
+        k = z.shape[0]
+        middle = ordered[k // 2] if k % 2 else (ordered[k // 2 - 1] + ordered[k // 2]) * 0.5
+        return middle, zero
+    votes = torch.zeros_like(total)
+    votes.scatter_add_(1, argmax.T.contiguous(), torch.ones(argmax.T.shape, dtype=torch.float64,
+                                                             device=z.device))
+    return votes, total
+
+
+def sweep_target_rank(primary: torch.Tensor, secondary: torch.Tensor, target: torch.Tensor,
+                      cap: int = SWEEP_RANK_CAP) -> torch.Tensor:
+    """Classes ranked above the target ``(N,)`` int64 (capped at ``cap``): a greater key, or an equal
+    key and a lower class index."""
+    pt = primary.gather(1, target[:, None])
+    st = secondary.gather(1, target[:, None])
+    greater = (primary > pt) | ((primary == pt) & (secondary > st))
+    equal = (primary == pt) & (secondary == st)
+    lower = torch.arange(primary.shape[1], device=primary.device)[None, :] < target[:, None]
+    return (greater | (equal & lower)).sum(dim=1).clamp_max(cap)
+
+
+def ensemble_sweep(logits: torch.Tensor, target: torch.Tensor, subsets: torch.Tensor,
+                   rule: str = "average") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference of ``divfast::ensemble_sweep``: brute force over every subset and every class; see
+    :func:`divfast._ops.ensemble_sweep.ensemble_sweep`."""
+    check_ensemble_sweep_args(logits, target, subsets, rule)
+    pool, n, c = logits.shape
+    if n and not torch.isfinite(logits).all():
+        raise ValueError("ensemble_sweep: `logits` contain NaN or infinity")
+    if n and (int(target.min()) < 0 or int(target.max()) >= c):
+        raise ValueError(f"ensemble_sweep: `target` has a label outside [0, {c})")
+    s, k = subsets.shape
+    device = logits.device
+    top1 = torch.zeros(s, dtype=torch.int64, device=device)
+    top5 = torch.zeros(s, dtype=torch.int64, device=device)
+    hist = torch.zeros(s, k + 1, dtype=torch.int64, device=device)
+    if n == 0:
+        return top1, top5, hist
+    z = logits.to(torch.float64)
+    argmax = logits.argmax(dim=2)  # (K, N): the first maximum, on the logits as given
+    correct = (argmax == target[None, :]).to(torch.int64)
+    for r, row in enumerate(subsets.tolist()):
+        members = torch.tensor(row, device=device)
+        hist[r] = torch.bincount(correct[members].sum(dim=0), minlength=k + 1)
+        rank = sweep_target_rank(*sweep_keys(z[members], argmax[members], rule), target)
+        top1[r] = (rank == 0).sum()
+        top5[r] = (rank < SWEEP_RANK_CAP).sum()
+    return top1, top5, hist

@@ -1,0 +1,111 @@
+// Torch-free math of divfast::ensemble_sweep, shared by the CPU and CUDA kernels.
+//
+// For one sample, a subset of k members with logit rows z_1..z_k (in subset order) ranks the C classes
+// by a key, higher first, and among exactly equal keys the lower class index first:
+//   average, geometric: a(c) = z_1(c) + ... + z_k(c), summed in float64 in subset order (the geometric
+//                       mean of softmax probabilities ranks classes exactly as the summed logits, since
+//                       log p_i(c) = z_i(c) - lse_i);
+//   median:             the median of the k values in float64; (a + b) * 0.5 of the middle two for even k;
+//   vote:               (v(c), a(c)) lexicographically, v(c) = the number of members whose argmax (first
+//                       maximum) is c: ties in votes go to the class the averaging consensus prefers.
+// The target's rank (classes above it) decides top-1 (rank 0) and top-5 (rank < 5).
+//
+// Pruning (exact): every member keeps its top-T classes and the bound t_i = its (T+1)-th largest value.
+// A class outside all k lists has z_i(c) <= t_i for every i, and each key is non-decreasing in every
+// z_i (floating-point rounding is monotone), so its key is at most key(t_1..t_k) (for vote: (0, sum t)).
+// Ranking the union of the lists plus the target is then exact whenever the target's key exceeds that
+// bound; when five candidates already rank above the target, it is out of the top 5 whatever the rest
+// do. Only the remaining cases scan all C classes.
+#pragma once
+
+#include <cstdint>
+
+#ifndef DIVFAST_HD
+#if defined(__CUDACC__)
+#define DIVFAST_HD __host__ __device__ __forceinline__
+#else
+#define DIVFAST_HD inline
+#endif
+#endif
+
+namespace divfast {
+namespace kernels {
+
+constexpr int kSweepTop = 5;      // classes each member keeps (the top-5 needs at least five)
+constexpr int kSweepRankCap = 5;  // ranks are counted up to here: top-5 is all that is asked
+constexpr int kRuleAverage = 0, kRuleVote = 1, kRuleMedian = 2, kRuleGeometric = 3;
+
+// A consensus key: primary, and for vote the summed logits as secondary (0 otherwise).
+struct SweepKey {
+  double primary;
+  double secondary;
+};
+
+DIVFAST_HD bool key_greater(SweepKey a, SweepKey b) {
+  return a.primary > b.primary || (a.primary == b.primary && a.secondary > b.secondary);
+}
+
+DIVFAST_HD bool key_equal(SweepKey a, SweepKey b) {
+  return a.primary == b.primary && a.secondary == b.secondary;
+}
+
+// Whether class c ranks above the target t: a greater key, or an equal key and a lower index.
+DIVFAST_HD bool ranks_above(SweepKey kc, int64_t c, SweepKey kt, int64_t t) {
+  return key_greater(kc, kt) || (key_equal(kc, kt) && c < t);
+}
+
+// Median of v[0..k) in float64 (v is reordered): insertion sort, k is small.
+DIVFAST_HD double median_of(double* v, int k) {
+  for (int i = 1; i < k; ++i) {
+    const double x = v[i];
+    int j = i;
+    while (j > 0 && v[j - 1] > x) {
+      v[j] = v[j - 1];
+      --j;
+    }
+    v[j] = x;
+  }
+  return k % 2 ? v[k / 2] : (v[k / 2 - 1] + v[k / 2]) * 0.5;
+}
+
+// The key of a class from its k values (subset order), the votes it got, and a scratch of k doubles.
+DIVFAST_HD SweepKey key_of(int rule, const double* values, int k, int votes, double* scratch) {
+  if (rule == kRuleMedian) {
+    if (k == 3) {  // the common triple, branch-free: max(min(a, b), min(max(a, b), c))
+      const double a = values[0], b = values[1], c = values[2];
+      const double lo = a < b ? a : b, hi = a < b ? b : a;
+      const double mid = hi < c ? hi : c;
+      return {lo > mid ? lo : mid, 0.0};
+    }
+    for (int j = 0; j < k; ++j) scratch[j] = values[j];
+    return {median_of(scratch, k), 0.0};
+  }
+  double sum = values[0];
+  for (int j = 1; j < k; ++j) sum = sum + values[j];
+  if (rule == kRuleVote) return {static_cast<double>(votes), sum};
+  return {sum, 0.0};
+}
+
+// Keeps the top `keep` values of a row with their indices, descending, the lower index first among
+// equal values (so entry 0 is the argmax, first maximum), in vals/idx (capacity keep); returns the
+// count kept (min(keep, C)). Values must be finite (checked separately).
+template <typename scalar_t>
+DIVFAST_HD int top_of_row(const scalar_t* row, int64_t c_count, int keep, double* vals, int64_t* idx) {
+  int count = 0;
+  for (int64_t c = 0; c < c_count; ++c) {
+    const double v = static_cast<double>(row[c]);
+    if (count == keep && !(v > vals[keep - 1])) continue;
+    int pos = count < keep ? count++ : keep - 1;
+    while (pos > 0 && v > vals[pos - 1]) {  // strict: an equal value keeps the earlier index first
+      vals[pos] = vals[pos - 1];
+      idx[pos] = idx[pos - 1];
+      --pos;
+    }
+    vals[pos] = v;
+    idx[pos] = c;
+  }
+  return count;
+}
+
+}  // namespace kernels
+}  // namespace divfast
