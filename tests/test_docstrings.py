@@ -19,7 +19,9 @@ MODULES = [
     "divfast.ensembles.features",
     "divfast.ensembles.cache",
     "divfast.ensembles.consensus",
+    "divfast.ensembles.difficulty",
     "divfast.report.cka_maps",
+    "divfast.report.sweep_plots",
     "divfast.functional.representation",
     "divfast.metrics.representation",
 ]

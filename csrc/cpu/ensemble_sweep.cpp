@@ -3,11 +3,11 @@
 //
 // Work items are ranges of samples. For each sample, every member's row of C logits is read once: a
 // vectorised pass checks it is finite and finds the maximum of each block of 16 values, and only the
-// blocks whose maximum beats the current fifth-best are scanned for the member's top classes, its
-// bound and its argmax (kernels/ensemble_sweep.h). The union of all members' top classes and the
-// target gets a small table of every member's logit for it. Then every subset ranks the target among
-// the union of its own members' lists by table lookups, and scans all C classes only when the bound
-// cannot certify the rank. Counts are int64 sums, so merging the ranges (in any order) is exact.
+// blocks whose maximum beats the current sixth-best are scanned for the member's top classes and its
+// argmax. Each subset then ranks the target by the threshold algorithm over its members' sorted
+// lists (see sweep_range), gathering only the logits of the classes it meets, and scans all C classes
+// only when 32 levels of the lists do not settle the rank. Counts are int64 sums, so merging the
+// ranges (in any order) is exact.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -19,15 +19,17 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/cpu_features.h"
 #include "kernels/ensemble_sweep.h"
 
 namespace divfast {
 namespace {
 
 using kernels::SweepKey;
-constexpr int kKeep = kernels::kSweepTop + 1;  // a member's top classes and its bound
+constexpr int kShallow = kernels::kSweepTop + 1;  // first pass: a member's top five and the next value
+constexpr int kDeep = 33;                          // on demand: its top 32 and the next value
 constexpr int kCap = kernels::kSweepRankCap;
-constexpr int64_t kBlock = 16;                 // values per block of the vectorised pre-pass
+constexpr int64_t kBlock = 16;                     // values per block of the vectorised pre-pass
 
 struct SweepOut {
   int64_t* top1;
@@ -35,11 +37,10 @@ struct SweepOut {
   int64_t* hist;
 };
 
-// Top classes of one row: a vectorised pass for finiteness and block maxima, then the selection over
-// the blocks that can contribute. Returns false when the row holds NaN or infinity.
+// A vectorised pass over a row: the maximum of each block of kBlock values; returns false when the
+// row holds NaN or infinity.
 template <typename scalar_t>
-bool row_top(const scalar_t* row, int64_t c_count, double* vals, int64_t* idx, int* kept,
-             std::vector<double>& block_max) {
+bool block_maxima(const scalar_t* row, int64_t c_count, double* block_max) {
   const int64_t blocks = (c_count + kBlock - 1) / kBlock;
   double check = 0.0;
   for (int64_t b = 0; b < blocks; ++b) {
@@ -54,15 +55,23 @@ bool row_top(const scalar_t* row, int64_t c_count, double* vals, int64_t* idx, i
     block_max[b] = best;
     check += part;
   }
-  if (!(check == 0.0)) return false;
+  return check == 0.0;
+}
+
+// The top `keep` values of a row with their indices, descending, the lower index first among equal
+// values (entry 0 is the argmax, first maximum), scanning only the blocks whose maximum can enter.
+template <typename scalar_t>
+int row_top(const scalar_t* row, int64_t c_count, int keep, const double* block_max, double* vals,
+            int64_t* idx) {
+  const int64_t blocks = (c_count + kBlock - 1) / kBlock;
   int count = 0;
   for (int64_t b = 0; b < blocks; ++b) {
-    if (count == kKeep && !(block_max[b] > vals[kKeep - 1])) continue;
+    if (count == keep && !(block_max[b] > vals[keep - 1])) continue;
     const int64_t lo = b * kBlock, hi = std::min(c_count, lo + kBlock);
     for (int64_t c = lo; c < hi; ++c) {
       const double v = static_cast<double>(row[c]);
-      if (count == kKeep && !(v > vals[kKeep - 1])) continue;
-      int pos = count < kKeep ? count++ : kKeep - 1;
+      if (count == keep && !(v > vals[keep - 1])) continue;
+      int pos = count < keep ? count++ : keep - 1;
       while (pos > 0 && v > vals[pos - 1]) {  // strict: an equal value keeps the earlier index first
         vals[pos] = vals[pos - 1];
         idx[pos] = idx[pos - 1];
@@ -72,119 +81,200 @@ bool row_top(const scalar_t* row, int64_t c_count, double* vals, int64_t* idx, i
       idx[pos] = c;
     }
   }
-  *kept = count;
-  return true;
+  return count;
 }
 
+constexpr int64_t kScan = 64;  // classes per block of the full scan
+
+// The target's rank (capped at kCap) by a scan of every class, in blocks whose keys are formed by
+// vectorisable loops: the summed logits (average, geometric; vote's secondary key), the median of
+// three by min/max. Other medians take the scalar path. Same keys, same order of additions as
+// kernels::key_of, so the same results.
+#define DIVFAST_SCAN_ARGS(scalar_t)                                                             \
+  const scalar_t *const *rows, int k, int64_t c_count, int rule, int64_t t, SweepKey kt,           \
+      const int64_t *argmax, const int64_t *m, double *values, double *scratch, double *sums
+#define DIVFAST_SCAN_CALL rows, k, c_count, rule, t, kt, argmax, m, values, scratch, sums
+
+template <typename scalar_t>
+inline __attribute__((always_inline)) int scan_rank_impl(DIVFAST_SCAN_ARGS(scalar_t)) {
+  if (rule == kernels::kRuleVote && kt.primary > 0) {
+    // Only classes with votes can rank above a target that has votes: they are the members' argmaxes.
+    int above = 0;
+    for (int j = 0; j < k; ++j) {
+      const int64_t c = argmax[m[j]];
+      bool first = true;  // count each voted class once
+      for (int q = 0; q < j; ++q) first = first && argmax[m[q]] != c;
+      if (!first || c == t) continue;
+      int votes = 0;
+      for (int q = 0; q < k; ++q) {
+        values[q] = static_cast<double>(rows[q][c]);
+        votes += argmax[m[q]] == c;
+      }
+      above += kernels::ranks_above(kernels::key_of(rule, values, k, votes, scratch), c, kt, t);
+    }
+    return above < kCap ? above : kCap;
+  }
+  const bool median3 = rule == kernels::kRuleMedian && k == 3;
+  if (rule == kernels::kRuleMedian && !median3) {
+    int above = 0;
+    for (int64_t c = 0; c < c_count && above < kCap; ++c) {
+      if (c == t) continue;
+      for (int q = 0; q < k; ++q) values[q] = static_cast<double>(rows[q][c]);
+      above += kernels::ranks_above(kernels::key_of(rule, values, k, 0, scratch), c, kt, t);
+    }
+    return above;
+  }
+  // Sums (or medians of three) of a block, then a count of the classes above the target's key. For
+  // vote with a voteless target, every voted class ranks above it, and the voteless ones by their sums.
+  const double target_key = rule == kernels::kRuleVote ? kt.secondary : kt.primary;
+  int above = 0;
+  for (int64_t c0 = 0; c0 < c_count && above < kCap; c0 += kScan) {
+    const int64_t len = std::min(kScan, c_count - c0);
+    if (median3) {
+      const scalar_t *a = rows[0] + c0, *b = rows[1] + c0, *d = rows[2] + c0;
+#pragma omp simd
+      for (int64_t q = 0; q < len; ++q) {
+        const double x = static_cast<double>(a[q]), y = static_cast<double>(b[q]), w = static_cast<double>(d[q]);
+        const double lo = x < y ? x : y, hi = x < y ? y : x;
+        const double mid = hi < w ? hi : w;
+        sums[q] = lo > mid ? lo : mid;
+      }
+    } else {
+      const scalar_t* first = rows[0] + c0;
+#pragma omp simd
+      for (int64_t q = 0; q < len; ++q) sums[q] = static_cast<double>(first[q]);
+      for (int j = 1; j < k; ++j) {
+        const scalar_t* row = rows[j] + c0;
+#pragma omp simd
+        for (int64_t q = 0; q < len; ++q) sums[q] = sums[q] + static_cast<double>(row[q]);
+      }
+    }
+    int count = 0;
+#pragma omp simd reduction(+ : count)
+    for (int64_t q = 0; q < len; ++q) {
+      const int64_t c = c0 + q;
+      count += (sums[q] > target_key || (sums[q] == target_key && c < t)) && c != t;
+    }
+    above += count;
+  }
+  if (rule == kernels::kRuleVote) {  // voted classes: above whatever their sums; fix their counts
+    for (int j = 0; j < k; ++j) {
+      const int64_t c = argmax[m[j]];
+      bool first = true;
+      for (int q = 0; q < j; ++q) first = first && argmax[m[q]] != c;
+      if (!first || c == t) continue;
+      double sum = static_cast<double>(rows[0][c]);
+      for (int q = 1; q < k; ++q) sum = sum + static_cast<double>(rows[q][c]);
+      above += !(sum > target_key || (sum == target_key && c < t));  // counted now if it was not
+    }
+  }
+  return above < kCap ? above : kCap;
+}
+
+#if defined(__x86_64__)
+template <typename scalar_t>
+__attribute__((target("avx2"))) int scan_rank_avx2(DIVFAST_SCAN_ARGS(scalar_t)) {
+  return scan_rank_impl<scalar_t>(DIVFAST_SCAN_CALL);
+}
+#endif
+
+template <typename scalar_t>
+int scan_rank(DIVFAST_SCAN_ARGS(scalar_t)) {
+#if defined(__x86_64__)
+  if (cpu_has_avx2_fma()) return scan_rank_avx2<scalar_t>(DIVFAST_SCAN_CALL);
+#endif
+  return scan_rank_impl<scalar_t>(DIVFAST_SCAN_CALL);
+}
+
+// For each sample: every member's top classes (kShallow, deepened to kDeep the first time a subset
+// needs it); then per subset the threshold algorithm (Fagin et al.): walk the members' lists depth
+// by depth, ranking each new class against the target, until five rank above it (out of the top five)
+// or the key of the members' next values falls below the target's (no class not yet seen can rank
+// above it: every key is non-decreasing in each member's value, and rounding is monotone). Lists
+// that run out before either happens fall back to a scan of all C classes.
 template <typename scalar_t>
 void sweep_range(const scalar_t* z, const int64_t* target, const int64_t* subsets, int64_t pool,
                  int64_t n_count, int64_t c_count, int64_t s_count, int k, int rule, int64_t n0,
                  int64_t n1, SweepOut out, bool* finite, bool* target_ok) {
-  std::vector<double> vals(pool * kKeep), block_max((c_count + kBlock - 1) / kBlock);
-  std::vector<int64_t> idx(pool * kKeep), argmax(pool);
-  std::vector<int> kept(pool);
+  const int64_t blocks = (c_count + kBlock - 1) / kBlock;
+  std::vector<double> vals(pool * kDeep), block_max(pool * blocks);
+  std::vector<int64_t> idx(pool * kDeep), argmax(pool);
+  std::vector<int> kept(pool), depth(pool);
   std::vector<char> correct(pool);
-  // Candidate table of the sample: slot of each class (-1 if none), the slot's class, and every
-  // member's logit for it (pool values per slot); slot_of is reset after each sample.
-  std::vector<int> slot_of(c_count, -1);
-  std::vector<int64_t> slot_class;
-  std::vector<double> table;
-  std::vector<int> list_slots(pool * kernels::kSweepTop), listed(pool);
-  std::vector<int64_t> seen;  // per slot: the last subset that counted it
+  std::vector<int64_t> mark(c_count, -1);
   std::vector<double> values(k), scratch(k);
   std::vector<const scalar_t*> rows(k);
+  double sums[kScan];
   int64_t stamp = 0;
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t t = target[n];
-    if (t < 0 || t >= c_count) {  // still read the rows: NaN is reported before a bad label
-      *target_ok = false;
-      for (int64_t i = 0; i < pool; ++i)
-        if (!row_top(z + (i * n_count + n) * c_count, c_count, &vals[i * kKeep], &idx[i * kKeep],
-                     &kept[i], block_max)) {
-          *finite = false;
-          return;
-        }
-      continue;
-    }
-    slot_class.assign(1, t);  // slot 0: the target
-    slot_of[t] = 0;
     for (int64_t i = 0; i < pool; ++i) {
-      if (!row_top(z + (i * n_count + n) * c_count, c_count, &vals[i * kKeep], &idx[i * kKeep],
-                   &kept[i], block_max)) {
+      const scalar_t* row = z + (i * n_count + n) * c_count;
+      if (!block_maxima(row, c_count, &block_max[i * blocks])) {
         *finite = false;
         return;
       }
-      argmax[i] = idx[i * kKeep];
+      depth[i] = kShallow;
+      kept[i] = row_top(row, c_count, kShallow, &block_max[i * blocks], &vals[i * kDeep], &idx[i * kDeep]);
+      argmax[i] = idx[i * kDeep];
       correct[i] = argmax[i] == t;
-      listed[i] = std::min(kept[i], kernels::kSweepTop);
-      for (int q = 0; q < listed[i]; ++q) {
-        const int64_t c = idx[i * kKeep + q];
-        if (slot_of[c] < 0) {
-          slot_of[c] = static_cast<int>(slot_class.size());
-          slot_class.push_back(c);
-        }
-        list_slots[i * kernels::kSweepTop + q] = slot_of[c];
-      }
     }
-    const int64_t slots = static_cast<int64_t>(slot_class.size());
-    table.resize(slots * pool);
-    for (int64_t i = 0; i < pool; ++i) {
-      const scalar_t* row = z + (i * n_count + n) * c_count;
-      for (int64_t sl = 0; sl < slots; ++sl) table[sl * pool + i] = static_cast<double>(row[slot_class[sl]]);
+    if (t < 0 || t >= c_count) {  // after the rows: NaN is reported before a bad label
+      *target_ok = false;
+      continue;
     }
-    seen.assign(slots, -1);
     for (int64_t s = 0; s < s_count; ++s) {
       const int64_t* m = subsets + s * k;
       int n_correct = 0;
-      for (int j = 0; j < k; ++j) n_correct += correct[m[j]];
+      for (int j = 0; j < k; ++j) {
+        n_correct += correct[m[j]];
+        rows[j] = z + (m[j] * n_count + n) * c_count;
+      }
       ++out.hist[s * (k + 1) + n_correct];
-      auto key_of_class = [&](int64_t c, const double* column) {  // column: every member's logit
+      auto key = [&](int64_t c) {
         int votes = 0;
         for (int j = 0; j < k; ++j) {
-          values[j] = column[m[j]];
+          values[j] = static_cast<double>(rows[j][c]);
           votes += argmax[m[j]] == c;
         }
         return kernels::key_of(rule, values.data(), k, votes, scratch.data());
       };
-      const SweepKey kt = key_of_class(t, &table[0]);
-      ++stamp;
-      seen[0] = stamp;
+      const SweepKey kt = key(t);
+      mark[t] = ++stamp;
       int above = 0;
-      for (int j = 0; j < k && above < kCap; ++j) {
-        const int64_t i = m[j];
-        for (int q = 0; q < listed[i]; ++q) {
-          const int sl = list_slots[i * kernels::kSweepTop + q];
-          if (seen[sl] == stamp) continue;
-          seen[sl] = stamp;
-          if (kernels::ranks_above(key_of_class(slot_class[sl], &table[sl * pool]), slot_class[sl], kt, t) &&
-              ++above >= kCap)
+      bool decided = false;
+      for (int64_t d = 0; !decided; ++d) {
+        for (int j = 0; j < k; ++j) {  // the classes at depth d of each member's list
+          const int64_t c = idx[m[j] * kDeep + d];
+          if (mark[c] == stamp) continue;
+          mark[c] = stamp;
+          if (kernels::ranks_above(key(c), c, kt, t) && ++above >= kCap) {
+            decided = true;  // out of the top five, whatever the rest do
             break;
-        }
-      }
-      if (above < kCap && c_count > kernels::kSweepTop) {
-        // Classes outside every list have a key at most the bound's; if the target's exceeds it,
-        // the count above is exact. Otherwise scan every class.
-        for (int j = 0; j < k; ++j) values[j] = vals[m[j] * kKeep + kernels::kSweepTop];
-        const SweepKey bound = kernels::key_of(rule, values.data(), k, 0, scratch.data());
-        if (!kernels::key_greater(kt, bound)) {
-          for (int j = 0; j < k; ++j) rows[j] = z + (m[j] * n_count + n) * c_count;
-          above = 0;
-          for (int64_t c = 0; c < c_count && above < kCap; ++c) {
-            if (c == t) continue;
-            int votes = 0;
-            for (int j = 0; j < k; ++j) {
-              values[j] = static_cast<double>(rows[j][c]);
-              votes += argmax[m[j]] == c;
-            }
-            if (kernels::ranks_above(kernels::key_of(rule, values.data(), k, votes, scratch.data()), c, kt, t))
-              ++above;
           }
         }
+        if (decided || d + 1 >= c_count) break;  // every class of the row has been seen: exact
+        bool listed = true;
+        for (int j = 0; j < k && listed; ++j) {
+          const int64_t i = m[j];
+          if (d + 1 >= kept[i] && depth[i] < kDeep) {  // deepen this member's list, once per sample
+            depth[i] = kDeep;
+            kept[i] = row_top(z + (i * n_count + n) * c_count, c_count, kDeep, &block_max[i * blocks],
+                              &vals[i * kDeep], &idx[i * kDeep]);
+          }
+          listed = d + 1 < kept[i];
+        }
+        if (!listed) break;  // the lists ran out: scan every class
+        for (int j = 0; j < k; ++j) values[j] = vals[m[j] * kDeep + d + 1];
+        // A class not yet seen sits below depth d in every list: its values are at most these.
+        decided = kernels::key_greater(kt, kernels::key_of(rule, values.data(), k, 0, scratch.data()));
       }
+      if (!decided && above < kCap && c_count > 1)
+        above = scan_rank(rows.data(), k, c_count, rule, t, kt, argmax.data(), m, values.data(),
+                          scratch.data(), sums);
       out.top1[s] += above == 0;
       out.top5[s] += above < kCap;
     }
-    for (const int64_t c : slot_class) slot_of[c] = -1;
   }
 }
 

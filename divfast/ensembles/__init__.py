@@ -1,10 +1,12 @@
-"""Ensemble consensus (average, vote, median, geometric), evaluation, and the layer features it
-compares (representation similarity)."""
+"""Ensemble consensus (average, vote, median, geometric), evaluation, the layer features it
+compares (representation similarity), and the difficulty functions of its members' methodologies."""
 
 from divfast.ensembles.cache import LogitsCache, member_logits
 from divfast.ensembles.consensus import CONSENSUS_RULES, consensus, consensus_predictions
+from divfast.ensembles.difficulty import difficulty_analysis
 from divfast.ensembles.evaluate import evaluate
 from divfast.ensembles.features import GramCapture, default_layers, list_layers, resolve_layers
 
 __all__ = ["CONSENSUS_RULES", "GramCapture", "LogitsCache", "consensus", "consensus_predictions",
-           "default_layers", "evaluate", "list_layers", "member_logits", "resolve_layers"]
+           "default_layers", "difficulty_analysis", "evaluate", "list_layers", "member_logits",
+           "resolve_layers"]
