@@ -17,7 +17,7 @@ python -c "import json; from divfast.info import collect_info; print(json.dumps(
   | tee "$OUT/info.json"
 python -c "import pytest" 2>/dev/null || echo "pytest is missing on this machine: carry its wheel"
 DIVFAST_REQUIRE_EXTENSION=1 DIVFAST_REQUIRE_CUDA=1 timeout 300 python -m pytest -q \
-  tests/test_ops_pair_counts.py tests/test_ops_attribution_stats.py tests/test_ops_hsic.py tests/test_ops_registry.py \
+  tests/test_ops_pair_counts.py tests/test_ops_attribution_stats.py tests/test_ops_hsic.py tests/test_ops_ensemble_sweep.py tests/test_ops_registry.py \
   tests/test_attribution_metrics.py -k cuda 2>&1 | tail -30 | tee "$OUT/pytest_cuda.txt"
 timeout 120 python -m benchmarks.bench_attribution --device cuda --json "$OUT/bench_attribution_cuda.json" \
   2>&1 | tee "$OUT/bench_attribution_cuda.txt"
@@ -25,6 +25,8 @@ timeout 180 python -m benchmarks.bench_pair_counts --device cuda --json "$OUT/be
   2>&1 | tee "$OUT/bench_pair_counts_cuda.txt"
 timeout 120 python -m benchmarks.bench_cka --device cuda --no-peer --json "$OUT/bench_cka_cuda.json" \
   2>&1 | tee "$OUT/bench_cka_cuda.txt"
+timeout 150 python -m benchmarks.bench_sweep --device cuda --loop-subsets 12 --vectorised-subsets 12 \
+  --reps 3 --json "$OUT/bench_sweep_cuda.json" 2>&1 | tee "$OUT/bench_sweep_cuda.txt"
 # Corruptions: CPU-vs-CUDA equality tests, then images/s at 224 px (target 5,000 img/s), batch 64 and 256.
 DIVFAST_REQUIRE_CUDA=1 timeout 200 python -m pytest -q tests/test_corruptions.py -k cuda 2>&1 | tail -15 \
   | tee "$OUT/pytest_corruptions_cuda.txt"
