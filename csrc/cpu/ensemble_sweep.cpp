@@ -4,10 +4,10 @@
 // Work items are ranges of samples. For each sample, every member's row of C logits is read once: a
 // vectorised pass checks it is finite and finds the maximum of each block of 16 values, and only the
 // blocks whose maximum beats the current sixth-best are scanned for the member's top classes and its
-// argmax. Each subset then ranks the target by the threshold algorithm over its members' sorted
-// lists (see sweep_range), gathering only the logits of the classes it meets, and scans all C classes
-// only when 32 levels of the lists do not settle the rank. Counts are int64 sums, so merging the
-// ranges (in any order) is exact.
+// argmax. Each subset then ranks the target by the threshold algorithm over its members' top lists
+// (see sweep_range), gathering only the logits of the classes it meets; what the lists cannot settle
+// goes to a scan of the blocks whose bound (from the members' block maxima) reaches the target's key.
+// Counts are int64 sums, so merging the ranges (in any order) is exact.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -27,9 +27,9 @@ namespace {
 
 using kernels::SweepKey;
 constexpr int kShallow = kernels::kSweepTop + 1;  // first pass: a member's top five and the next value
-constexpr int kDeep = 33;                          // on demand: its top 32 and the next value
+constexpr int kDeep = kShallow;                    // deepening off: the bounded scan is cheaper here
 constexpr int kCap = kernels::kSweepRankCap;
-constexpr int64_t kBlock = 16;                     // values per block of the vectorised pre-pass
+constexpr int64_t kBlock = 8;                      // classes per block of the pre-pass and the scan
 
 struct SweepOut {
   int64_t* top1;
@@ -84,16 +84,15 @@ int row_top(const scalar_t* row, int64_t c_count, int keep, const double* block_
   return count;
 }
 
-constexpr int64_t kScan = 64;  // classes per block of the full scan
-
 // The target's rank (capped at kCap) by a scan of every class, in blocks whose keys are formed by
 // vectorisable loops: the summed logits (average, geometric; vote's secondary key), the median of
 // three by min/max. Other medians take the scalar path. Same keys, same order of additions as
 // kernels::key_of, so the same results.
 #define DIVFAST_SCAN_ARGS(scalar_t)                                                             \
-  const scalar_t *const *rows, int k, int64_t c_count, int rule, int64_t t, SweepKey kt,           \
-      const int64_t *argmax, const int64_t *m, double *values, double *scratch, double *sums
-#define DIVFAST_SCAN_CALL rows, k, c_count, rule, t, kt, argmax, m, values, scratch, sums
+  const scalar_t *const *rows, const double *const *maxima, int k, int64_t c_count, int rule,     \
+      int64_t t, SweepKey kt, const int64_t *argmax, const int64_t *m, double *values,             \
+      double *scratch, double *sums, double *bounds
+#define DIVFAST_SCAN_CALL rows, maxima, k, c_count, rule, t, kt, argmax, m, values, scratch, sums, bounds
 
 template <typename scalar_t>
 inline __attribute__((always_inline)) int scan_rank_impl(DIVFAST_SCAN_ARGS(scalar_t)) {
@@ -124,15 +123,35 @@ inline __attribute__((always_inline)) int scan_rank_impl(DIVFAST_SCAN_ARGS(scala
     }
     return above;
   }
-  // Sums (or medians of three) of a block, then a count of the classes above the target's key. For
-  // vote with a voteless target, every voted class ranks above it, and the voteless ones by their sums.
+  // Per block of kBlock classes, an upper bound of every key in it from the members' block maxima
+  // (keys are non-decreasing in each value); only blocks whose bound reaches the target's key are
+  // scanned: their sums (or medians of three), then a count of the classes above the target. For vote
+  // with a voteless target, every voted class ranks above it, and the voteless ones by their sums.
   const double target_key = rule == kernels::kRuleVote ? kt.secondary : kt.primary;
+  const int64_t blocks = (c_count + kBlock - 1) / kBlock;
+  if (median3) {
+    const double *a = maxima[0], *b = maxima[1], *d = maxima[2];
+#pragma omp simd
+    for (int64_t q = 0; q < blocks; ++q) {
+      const double lo = a[q] < b[q] ? a[q] : b[q], hi = a[q] < b[q] ? b[q] : a[q];
+      const double mid = hi < d[q] ? hi : d[q];
+      bounds[q] = lo > mid ? lo : mid;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t q = 0; q < blocks; ++q) bounds[q] = maxima[0][q];
+    for (int j = 1; j < k; ++j) {
+      const double* row = maxima[j];
+#pragma omp simd
+      for (int64_t q = 0; q < blocks; ++q) bounds[q] = bounds[q] + row[q];
+    }
+  }
   int above = 0;
-  for (int64_t c0 = 0; c0 < c_count && above < kCap; c0 += kScan) {
-    const int64_t len = std::min(kScan, c_count - c0);
+  for (int64_t blk = 0; blk < blocks && above < kCap; ++blk) {
+    if (bounds[blk] < target_key) continue;  // no class of this block reaches the target's key
+    const int64_t c0 = blk * kBlock, len = std::min(kBlock, c_count - c0);
     if (median3) {
       const scalar_t *a = rows[0] + c0, *b = rows[1] + c0, *d = rows[2] + c0;
-#pragma omp simd
       for (int64_t q = 0; q < len; ++q) {
         const double x = static_cast<double>(a[q]), y = static_cast<double>(b[q]), w = static_cast<double>(d[q]);
         const double lo = x < y ? x : y, hi = x < y ? y : x;
@@ -141,21 +160,16 @@ inline __attribute__((always_inline)) int scan_rank_impl(DIVFAST_SCAN_ARGS(scala
       }
     } else {
       const scalar_t* first = rows[0] + c0;
-#pragma omp simd
       for (int64_t q = 0; q < len; ++q) sums[q] = static_cast<double>(first[q]);
       for (int j = 1; j < k; ++j) {
         const scalar_t* row = rows[j] + c0;
-#pragma omp simd
         for (int64_t q = 0; q < len; ++q) sums[q] = sums[q] + static_cast<double>(row[q]);
       }
     }
-    int count = 0;
-#pragma omp simd reduction(+ : count)
     for (int64_t q = 0; q < len; ++q) {
       const int64_t c = c0 + q;
-      count += (sums[q] > target_key || (sums[q] == target_key && c < t)) && c != t;
+      above += (sums[q] > target_key || (sums[q] == target_key && c < t)) && c != t;
     }
-    above += count;
   }
   if (rule == kernels::kRuleVote) {  // voted classes: above whatever their sums; fix their counts
     for (int j = 0; j < k; ++j) {
@@ -186,12 +200,13 @@ int scan_rank(DIVFAST_SCAN_ARGS(scalar_t)) {
   return scan_rank_impl<scalar_t>(DIVFAST_SCAN_CALL);
 }
 
-// For each sample: every member's top classes (kShallow, deepened to kDeep the first time a subset
-// needs it); then per subset the threshold algorithm (Fagin et al.): walk the members' lists depth
-// by depth, ranking each new class against the target, until five rank above it (out of the top five)
-// or the key of the members' next values falls below the target's (no class not yet seen can rank
-// above it: every key is non-decreasing in each member's value, and rounding is monotone). Lists
-// that run out before either happens fall back to a scan of all C classes.
+// For each sample: every member's top classes (kShallow; deepening to kDeep on demand is built in but
+// off, since the bounded scan settles the rest for less); then per subset the threshold algorithm
+// (Fagin et al.): walk the members' lists level by level, ranking each new class against the target,
+// until five rank above it (out of the top five) or the key of the members' next values falls below
+// the target's (no class not yet seen can rank above it: every key is non-decreasing in each member's
+// value, and rounding is monotone). Lists that run out before either happens fall back to the
+// bounded scan (scan_rank).
 template <typename scalar_t>
 void sweep_range(const scalar_t* z, const int64_t* target, const int64_t* subsets, int64_t pool,
                  int64_t n_count, int64_t c_count, int64_t s_count, int k, int rule, int64_t n0,
@@ -204,7 +219,9 @@ void sweep_range(const scalar_t* z, const int64_t* target, const int64_t* subset
   std::vector<int64_t> mark(c_count, -1);
   std::vector<double> values(k), scratch(k);
   std::vector<const scalar_t*> rows(k);
-  double sums[kScan];
+  double sums[kBlock];
+  std::vector<double> bounds(blocks);
+  std::vector<const double*> maxima(k);
   int64_t stamp = 0;
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t t = target[n];
@@ -229,6 +246,7 @@ void sweep_range(const scalar_t* z, const int64_t* target, const int64_t* subset
       for (int j = 0; j < k; ++j) {
         n_correct += correct[m[j]];
         rows[j] = z + (m[j] * n_count + n) * c_count;
+        maxima[j] = &block_max[m[j] * blocks];
       }
       ++out.hist[s * (k + 1) + n_correct];
       auto key = [&](int64_t c) {
@@ -270,8 +288,8 @@ void sweep_range(const scalar_t* z, const int64_t* target, const int64_t* subset
         decided = kernels::key_greater(kt, kernels::key_of(rule, values.data(), k, 0, scratch.data()));
       }
       if (!decided && above < kCap && c_count > 1)
-        above = scan_rank(rows.data(), k, c_count, rule, t, kt, argmax.data(), m, values.data(),
-                          scratch.data(), sums);
+        above = scan_rank(rows.data(), maxima.data(), k, c_count, rule, t, kt, argmax.data(), m,
+                          values.data(), scratch.data(), sums, bounds.data());
       out.top1[s] += above == 0;
       out.top5[s] += above < kCap;
     }
