@@ -405,6 +405,165 @@ def corrupt_cmd(dataset, data, out, seed, image_size, quality, batch_size, worke
         click.echo(f"wrote {gallery}")
 
 
+SWEEP_ATTRIBUTION = ("none", "saliency")  # divfast.ensembles.sweep.ATTRIBUTION_CHOICES
+SWEEP_TOP = 10  # ensembles listed per dataset and rule
+
+
+def _csv_cell(value) -> str:
+    import math
+
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""  # undefined or not computed, as null in results.json
+    if isinstance(value, (list, tuple)):
+        return "+".join(str(v) for v in value)
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _sweep_csv(rows: list[dict]) -> str:
+    import csv
+    import io
+
+    columns = list(rows[0])
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_csv_cell(row[c]) for c in columns])
+    return buffer.getvalue()
+
+
+def _sweep_figures(result: dict, out: str) -> list[str]:
+    """bubble_<rule>.png per rule and trends.png (measures never computed are left out)."""
+    from divfast.report.sweep_plots import bubble_plot, trend_plot
+
+    rows, written = result["rows"], []
+    for rule in result["rules"]:
+        written.append(os.path.join(out, f"bubble_{rule}.png"))
+        bubble_plot(rows, written[-1], metric="disagreement", rules=[rule])
+    metrics = [m for m in ("attribution_diversity", "disagreement", "mean_member_accuracy")
+               if any(row[m] is not None for row in rows)]
+    written.append(os.path.join(out, "trends.png"))
+    trend_plot(rows, written[-1], metrics=metrics, rule=result["rules"][0])
+    return written
+
+
+def _render_sweep(result: dict) -> None:
+    """Top ensembles by gain per dataset and rule, the correlations, the difficulty summary."""
+    from rich.console import Console
+    from rich.table import Table
+
+    def num(x, scale=1.0, fmt="{:.4f}"):
+        return "n/a" if x is None or x != x else fmt.format(scale * x)
+
+    console = Console(file=sys.stdout, width=120)
+    specs = [d["spec"] for d in result["datasets"]]
+    for spec in specs:
+        for rule in result["rules"]:
+            rows = [r for r in result["rows"] if r["dataset"] == spec and r["rule"] == rule]
+            best = sorted(rows, key=lambda r: -r["gain"])[:SWEEP_TOP]
+            table = Table(title=f"top {len(best)} of {len(rows)} ensembles by gain — {spec}, "
+                                f"{rule} consensus", title_justify="left")
+            for name, justify in (("members", "left"), ("acc %", "right"), ("gain pp", "right"),
+                                  ("best member %", "right"), ("disagreement", "right"),
+                                  ("params", "right")):
+                table.add_column(name, justify=justify)
+            if result["attribution"] != "none":
+                table.add_column("attribution", justify="right")
+            for r in best:
+                cells = ["+".join(r["members"]), num(r["accuracy"], 100, "{:.2f}"),
+                         num(r["gain"], 100, "{:+.2f}"), num(r["best_member_accuracy"], 100,
+                                                             "{:.2f}"),
+                         num(r["disagreement"]), num(r["parameters"], 1e-6, "{:.2f}M")]
+                if result["attribution"] != "none":
+                    cells.append(num(r["attribution_diversity"]))
+                table.add_row(*cells)
+            console.print(table)
+    for rule in result["rules"]:
+        table = Table(title=f"correlation of gain with each measure ({rule} consensus): "
+                            "Pearson r / Spearman rho", title_justify="left")
+        table.add_column("measure")
+        for spec in specs:
+            table.add_column(spec, justify="right")
+        entries = [c for c in result["correlations"] if c["rule"] == rule]
+        for metric in dict.fromkeys(c["metric"] for c in entries):
+            cells = [next(c for c in entries if c["metric"] == metric and c["dataset"] == spec)
+                     for spec in specs]
+            table.add_row(metric, *[f"{num(c['pearson'], fmt='{:+.2f}')} / "
+                                    f"{num(c['spearman'], fmt='{:+.2f}')}" for c in cells])
+        console.print(table)
+    for spec in specs:
+        block = result["difficulty"][spec]
+        table = Table(title=f"difficulty functions — {spec} ({block['n_samples']} inputs)",
+                      title_justify="left")
+        table.add_column("group or pair")
+        table.add_column("members", justify="right")
+        table.add_column("mean θ", justify="right")
+        table.add_column("var θ / cov", justify="right")
+        for name, g in block["groups"].items():
+            table.add_row(name, str(len(g["members"])), num(g["mean_difficulty"]),
+                          num(g["var_difficulty"]))
+        for pair in block["pairs"]:
+            table.add_row(f"{pair['a']} × {pair['b']}", str(pair["member_pairs"]), "",
+                          num(pair["covariance"], fmt="{:+.4f}"))
+        console.print(table)
+
+
+@cli.command("sweep")
+@click.option("--pool", required=True,
+              help="A directory (every *.safetensors in it, sorted) or comma-separated checkpoint "
+                   "files.")
+@click.option("--k", "k", default=3, show_default=True, type=int, help="Members per ensemble.")
+@click.option("--datasets", default="clean", show_default=True,
+              help="Comma-separated dataset specs: clean, lines1.6, plasma4.0, ...")
+@click.option("--rules", default="average,vote", show_default=True,
+              help="Comma-separated consensus rules: average, vote, median, geometric.")
+@click.option("--out", required=True, type=click.Path(),
+              help="Directory for results.csv, results.json, bubble_<rule>.png and trends.png.")
+@click.option("--data", type=click.Path(), default=None,
+              help="ImageFolder root; default: the embedded digits test split.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Corruption seed.")
+@click.option("--batch-size", default=128, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--cache", "cache_dir", type=click.Path(), default=None,
+              help="Logits cache directory (a rerun does no forward pass) [default: OUT/cache].")
+@click.option("--group", "group", default=None,
+              help="Comma-separated methodology names, one per member, for the difficulty "
+                   "analysis [default: each member's architecture].")
+@click.option("--attribution", default="none", show_default=True,
+              type=click.Choice(SWEEP_ATTRIBUTION),
+              help="Attribution diversity of every ensemble from Saliency maps (one backward "
+                   "pass per member and dataset, not cached), or none.")
+@click.option("--num-samples", default=None, type=int,
+              help="Only the first N images of each dataset [default: all].")
+@click.option("--json", "as_json", is_flag=True, help="Print results.json instead of tables.")
+@click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
+@_user_errors
+def sweep_cmd(pool, k, datasets, rules, out, data, seed, batch_size, device, cache_dir, group,
+              attribution, num_samples, as_json, progress):
+    """Evaluate every k-member ensemble of a pool from one pass per member: accuracy, gain over
+    the best member, prediction (and attribution) diversity, difficulty functions."""
+    from divfast.ensembles.sweep import run_sweep
+    from divfast.io import ensure_dir, json_safe, write_json_atomic, write_text_atomic
+
+    dev = _device(device)
+    ensure_dir(out)
+    result = run_sweep(pool, _split(datasets), k=k, rules=_split(rules), data=data, seed=seed,
+                       batch_size=batch_size, device=dev,
+                       cache_dir=cache_dir if cache_dir is not None else os.path.join(out, "cache"),
+                       groups=_split(group) if group is not None else None,
+                       attribution=attribution, num_samples=num_samples, progress=progress)
+    written = [os.path.join(out, "results.csv"), os.path.join(out, "results.json")]
+    write_text_atomic(written[0], _sweep_csv(result["rows"]))
+    write_json_atomic(written[1], result)
+    written += _sweep_figures(result, out)
+    if as_json:
+        click.echo(json.dumps(json_safe(result), indent=2, allow_nan=False))
+        return
+    _render_sweep(result)
+    for path in written:
+        click.echo(f"wrote {path}")
+
+
 def main():
     cli(prog_name="divfast")
 

@@ -20,6 +20,7 @@ MODULES = [
     "divfast.ensembles.cache",
     "divfast.ensembles.consensus",
     "divfast.ensembles.difficulty",
+    "divfast.ensembles.sweep",
     "divfast.report.cka_maps",
     "divfast.report.sweep_plots",
     "divfast.functional.representation",

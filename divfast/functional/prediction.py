@@ -233,7 +233,7 @@ def prediction_measures(stats: dict[str, torch.Tensor], num_classes: int | None 
     out: dict = {"n_samples": int(n), "n_members": m}
     for name in PAIRWISE:
         out[name] = _nanmean_offdiag(pair[name])
-    out.update(_non_pairwise(hist, m, n))
+    out.update(non_pairwise_measures(hist, m, n))
     n_ens = float(stats["ensemble_correct"])
     out["member_accuracy"] = [float(x) for x in (n11.diagonal() / n)] if n else [math.nan] * m
     out["ensemble_accuracy"] = n_ens / n if n else math.nan
@@ -249,8 +249,24 @@ def prediction_measures(stats: dict[str, torch.Tensor], num_classes: int | None 
     return out
 
 
-def _non_pairwise(hist: torch.Tensor, m: int, n: float) -> dict[str, float]:
-    """Kuncheva & Whitaker's non-pairwise measures from the histogram of correct-member counts."""
+def non_pairwise_measures(hist: torch.Tensor, m: int, n: float) -> dict[str, float]:
+    """Kuncheva & Whitaker's non-pairwise measures of an ensemble from its histogram of
+    correct-member counts.
+
+    The histogram is all these measures need, so any sub-ensemble's values follow from its own
+    histogram (:func:`divfast._ops.ensemble_sweep.ensemble_sweep` returns one per subset).
+
+    Args:
+        hist: ``(m + 1,)`` counts (any real dtype): ``hist[j]`` samples on which exactly j of the
+            m members are right.
+        m: the number of members L (>= 1).
+        n: the number of samples, ``hist.sum()``.
+
+    Returns:
+        ``{"entropy", "kohavi_wolpert", "kappa", "difficulty", "generalized_diversity",
+        "coincident_failure"}`` as floats; NaN where undefined (see the module docstring).
+    """
+    hist = hist.to(torch.float64).cpu()
     nan = math.nan
     if n == 0:
         return {k: nan for k in NON_PAIRWISE}
@@ -278,6 +294,9 @@ def _non_pairwise(hist: torch.Tensor, m: int, n: float) -> dict[str, float]:
     else:
         out["coincident_failure"] = float(((m - i[1:]) / (m - 1) * fail[1:]).sum() / (1 - p0))
     return out
+
+
+_non_pairwise = non_pairwise_measures  # the former private name, kept for callers
 
 
 def prediction_diversity(predictions: torch.Tensor, target: torch.Tensor,
