@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from benchmarks.common import machine_info
+from benchmarks.common import machine_info, timed
 from divfast._ops import reference
 from divfast._ops.attribution_stats import attribution_stats
 from divfast.io import write_json_atomic
@@ -32,17 +32,6 @@ from divfast.io import write_json_atomic
 TARGET_FLOOR = 1.5
 TARGET_OVERHEAD = 0.05
 MEMBERS = ("resnet10t", "convnext_atto", "efficientvit_m0")
-
-
-def timed(fn, sync, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def composition(x: torch.Tensor):

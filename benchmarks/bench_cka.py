@@ -32,13 +32,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import statistics
 import time
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks.common import machine_info
+from benchmarks.common import machine_info, timed_with_result as timed
 from divfast._ops import reference
 from divfast._ops.hsic import hsic
 from divfast.ensembles.features import GramCapture, list_layers
@@ -68,17 +67,6 @@ def loader():
     return DataLoader(TensorDataset(images, torch.zeros(IMAGES, dtype=torch.long)), batch_size=BATCH)
 
 
-def timed(fn, sync, reps):
-    times = []
-    for _ in range(reps):
-        sync()
-        start = time.perf_counter()
-        out = fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
-
-
 @torch.no_grad()
 def forward_only(models, data, device):
     for x, _ in data:
@@ -87,17 +75,23 @@ def forward_only(models, data, device):
             model(x)
 
 
-@torch.no_grad()
-def divfast_cka(models, data, device, layers):
-    capture = GramCapture(models, [layers, layers])
-    metric = RepresentationSimilarity(capture.names)
+def batch_grams(capture, models, data, device):
+    """Yields each batch's Grams (G, n, n), formed by ``capture`` inside the members' forward."""
     with capture:
         for x, _ in data:
             x = x.to(device)
             with capture.recording():
                 for model in models:
                     model(x)
-            metric.update_grams(capture.pop())
+            yield capture.pop()
+
+
+@torch.no_grad()
+def divfast_cka(models, data, device, layers):
+    capture = GramCapture(models, [layers, layers])
+    metric = RepresentationSimilarity(capture.names)
+    for grams in batch_grams(capture, models, data, device):
+        metric.update_grams(grams)
     return torch.tensor(metric.compute()["cka"], dtype=torch.float64)
 
 
@@ -116,18 +110,12 @@ def per_pair_cka(models, data, device, layers):
     capture = GramCapture(models, [layers, layers])
     g = capture.num_grams
     total = None
-    with capture:
-        for x, _ in data:
-            x = x.to(device)
-            with capture.recording():
-                for model in models:
-                    model(x)
-            grams = capture.pop()
-            batch = torch.zeros(g, g, dtype=torch.float64, device=grams.device)
-            for a in range(g):
-                for b in range(a, g):
-                    batch[a, b] = batch[b, a] = pair_hsic(grams[a], grams[b])
-            total = batch if total is None else total + batch
+    for grams in batch_grams(capture, models, data, device):
+        batch = torch.zeros(g, g, dtype=torch.float64, device=grams.device)
+        for a in range(g):
+            for b in range(a, g):
+                batch[a, b] = batch[b, a] = pair_hsic(grams[a], grams[b])
+        total = batch if total is None else total + batch
     return cka_from_hsic(total)
 
 

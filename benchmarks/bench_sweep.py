@@ -26,12 +26,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
-import time
 
 import torch
 
-from benchmarks.common import machine_info
+from benchmarks.common import machine_info, timed_with_result as timed
 from divfast._ops import reference
 from divfast._ops.ensemble_sweep import ensemble_sweep
 from divfast.io import write_json_atomic
@@ -96,17 +94,6 @@ def vectorised(logits, target, subsets, rule, chunk=8):
         top1.append((top[..., 0] == target).sum(dim=1))
         top5.append((top == target[:, None]).any(dim=-1).sum(dim=1))
     return torch.cat(top1), torch.cat(top5)
-
-
-def timed(fn, sync, reps=1):
-    times, out = [], None
-    for _ in range(reps):
-        sync()
-        start = time.perf_counter()
-        out = fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
 
 
 def main(argv=None):

@@ -6,6 +6,8 @@ import datetime
 import importlib
 import os
 import platform
+import statistics
+import time
 
 import numpy as np
 import torch
@@ -37,3 +39,21 @@ def machine_info(device: str = "cpu", packages: tuple[str, ...] = ()) -> dict:
     if torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def timed_with_result(fn, sync, reps: int = 1) -> tuple[float, object]:
+    """The median wall time of ``reps`` calls of ``fn`` (``sync`` before and after each: the device's
+    synchronize, or a no-op on the CPU) and the last call's result."""
+    times, out = [], None
+    for _ in range(reps):
+        sync()
+        start = time.perf_counter()
+        out = fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def timed(fn, sync, reps: int = 1) -> float:
+    """The median wall time of ``reps`` calls of ``fn``; see :func:`timed_with_result`."""
+    return timed_with_result(fn, sync, reps)[0]

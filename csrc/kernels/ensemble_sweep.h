@@ -10,12 +10,9 @@
 //                       maximum) is c: ties in votes go to the class the averaging consensus prefers.
 // The target's rank (classes above it) decides top-1 (rank 0) and top-5 (rank < 5).
 //
-// Pruning (exact): every member keeps its top-T classes and the bound t_i = its (T+1)-th largest value.
-// A class outside all k lists has z_i(c) <= t_i for every i, and each key is non-decreasing in every
-// z_i (floating-point rounding is monotone), so its key is at most key(t_1..t_k) (for vote: (0, sum t)).
-// Ranking the union of the lists plus the target is then exact whenever the target's key exceeds that
-// bound; when five candidates already rank above the target, it is out of the top 5 whatever the rest
-// do. Only the remaining cases scan all C classes.
+// Pruning (exact, cpu/ensemble_sweep.cpp): each key is non-decreasing in every z_i and float rounding
+// is monotone, so the key of the members' d-th largest values bounds every class below depth d of all
+// their sorted lists, and the key of their block maxima bounds every class of a block.
 #pragma once
 
 #include <cstdint>
@@ -84,27 +81,6 @@ DIVFAST_HD SweepKey key_of(int rule, const double* values, int k, int votes, dou
   for (int j = 1; j < k; ++j) sum = sum + values[j];
   if (rule == kRuleVote) return {static_cast<double>(votes), sum};
   return {sum, 0.0};
-}
-
-// Keeps the top `keep` values of a row with their indices, descending, the lower index first among
-// equal values (so entry 0 is the argmax, first maximum), in vals/idx (capacity keep); returns the
-// count kept (min(keep, C)). Values must be finite (checked separately).
-template <typename scalar_t>
-DIVFAST_HD int top_of_row(const scalar_t* row, int64_t c_count, int keep, double* vals, int64_t* idx) {
-  int count = 0;
-  for (int64_t c = 0; c < c_count; ++c) {
-    const double v = static_cast<double>(row[c]);
-    if (count == keep && !(v > vals[keep - 1])) continue;
-    int pos = count < keep ? count++ : keep - 1;
-    while (pos > 0 && v > vals[pos - 1]) {  // strict: an equal value keeps the earlier index first
-      vals[pos] = vals[pos - 1];
-      idx[pos] = idx[pos - 1];
-      --pos;
-    }
-    vals[pos] = v;
-    idx[pos] = c;
-  }
-  return count;
 }
 
 }  // namespace kernels

@@ -220,6 +220,20 @@ def consensus_predictions(logits: torch.Tensor, rule: str = "average") -> torch.
     return _first_ranked(*ranking_keys(logits, rule))
 
 
+def check_target(target: torch.Tensor, n: int, c: int) -> None:
+    """Raises a DivfastError naming ``target`` unless it is ``n`` integer labels in ``[0, c)``."""
+    if not isinstance(target, torch.Tensor) or target.shape != (n,):
+        shape = list(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
+        raise DivfastError(f"target: expected shape ({n},) (one label per sample), got {shape}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise DivfastError(f"target: expected an integer tensor of class labels, got "
+                           f"{target.dtype}")
+    bad = (target < 0) | (target >= c)
+    if n and bool(bad.any()):
+        raise DivfastError(f"target: expected labels in [0, {c}) (the logits' C), got "
+                           f"{int(target[bad][0])}")
+
+
 def target_rank(logits: torch.Tensor, target: torch.Tensor, rule: str = "average",
                 cap: int = 5) -> torch.Tensor:
     """How many classes the ensemble ranks above each sample's target, capped at ``cap``.
@@ -248,18 +262,10 @@ def target_rank(logits: torch.Tensor, target: torch.Tensor, rule: str = "average
     """
     primary, secondary = ranking_keys(logits, rule)
     b, c = primary.shape
-    if not isinstance(target, torch.Tensor) or target.shape != (b,):
-        shape = list(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
-        raise DivfastError(f"target: expected shape ({b},) (one label per sample), got {shape}")
-    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
-        raise DivfastError(f"target: expected an integer tensor of class labels, got "
-                           f"{target.dtype}")
+    check_target(target, b, c)
     if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
         raise DivfastError(f"cap: expected an int >= 1, got {cap!r}")
     target = target.to(device=primary.device, dtype=torch.long)
-    if b and bool(((target < 0) | (target >= c)).any()):
-        bad = target[(target < 0) | (target >= c)][0]
-        raise DivfastError(f"target: expected labels in [0, {c}) (the logits' C), got {int(bad)}")
     index = torch.arange(c, device=primary.device)
     ahead = (index < target[:, None]).expand(b, c)  # (B, C): wins an exact tie
     if secondary is not None:

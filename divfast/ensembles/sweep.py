@@ -50,21 +50,14 @@ def _is_int(value) -> bool:
 
 
 def _check_pool(logits, target) -> tuple[int, int, int]:
-    from divfast.ensembles.consensus import _check_logits
+    from divfast.ensembles.consensus import _check_logits, check_target
 
     _check_logits(logits)
     k, n, c = logits.shape
     if n < 1:
         raise DivfastError(f"logits: expected at least one sample (N >= 1), got shape "
                            f"{list(logits.shape)}")
-    if not isinstance(target, torch.Tensor) or target.shape != (n,):
-        shape = list(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
-        raise DivfastError(f"target: expected shape ({n},) (one label per sample), got {shape}")
-    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
-        raise DivfastError(f"target: expected an integer tensor of class labels, got "
-                           f"{target.dtype}")
-    if bool(((target < 0) | (target >= c)).any()):
-        raise DivfastError(f"target: expected labels in [0, {c}) (the logits' C)")
+    check_target(target, n, c)
     return k, n, c
 
 
