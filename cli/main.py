@@ -317,16 +317,34 @@ def demo(out, epochs, device):
     from divfast.report import render_accuracy_by_dataset
     from divfast.training import TrainConfig, train_ensemble
 
-    click.echo(f"divfast demo: training {DEFAULT_DEMO_MEMBERS} on the embedded digits "
-               f"({epochs} epochs, CPU: 1-2 minutes)", err=True)
-    cfg = TrainConfig(architectures=_split(DEFAULT_DEMO_MEMBERS), epochs=epochs)
+    from divfast.ensembles.sweep import run_sweep
+
+    archs = _split(DEFAULT_DEMO_MEMBERS)
+    click.echo(f"divfast demo: training a pool of {2 * len(archs)} members (two each of "
+               f"{DEFAULT_DEMO_MEMBERS}) on the embedded digits ({epochs} epochs, CPU: 2-3 minutes)",
+               err=True)
+    cfg = TrainConfig(architectures=archs * 2, epochs=epochs)
     paths = train_ensemble(cfg, out, device=_device(device), overwrite=True)
-    members = load_members(paths, _device(device))
-    reports = [_eval_loaded(members, paths, "clean", None, 256, device, False, out, True)]
+    ensemble = paths[:len(archs)]  # one of each architecture: the ensemble looked at closely
+    members = load_members(ensemble, _device(device))
+    reports = [_eval_loaded(members, ensemble, "clean", None, 256, device, False, out, True)]
     for spec in DEMO_DATASETS:
-        reports.append(_eval_loaded(members, paths, spec, None, 256, device, False,
+        reports.append(_eval_loaded(members, ensemble, spec, None, 256, device, False,
                                     os.path.join(out, spec), True, quiet=True))
     render_accuracy_by_dataset(reports)
+    sweep_out = os.path.join(out, "sweep")
+    result = run_sweep(paths, ["clean", *DEMO_DATASETS], k=len(archs), rules=("average", "vote"),
+                       device=_device(device), cache_dir=os.path.join(sweep_out, "cache"))
+    written = _write_sweep(result, sweep_out)
+    click.echo(f"every {len(archs)}-member ensemble of the pool of {len(paths)} "
+               f"({len(result['rows']) // (2 * (1 + len(DEMO_DATASETS)))} per dataset), "
+               "gain over its best member vs disagreement (Pearson r, average consensus):")
+    for row in result["correlations"]:
+        if row["metric"] == "disagreement" and row.get("rule", "average") == "average":
+            r = row["pearson"]
+            click.echo(f"  {row['dataset']:16s} r = {'n/a' if r is None else f'{r:+.2f}'}")
+    for path in written:
+        click.echo(f"wrote {path}")
 
 
 @cli.command("corrupt")
@@ -430,6 +448,18 @@ def _sweep_csv(rows: list[dict]) -> str:
     for row in rows:
         writer.writerow([_csv_cell(row[c]) for c in columns])
     return buffer.getvalue()
+
+
+def _write_sweep(result: dict, out: str) -> list[str]:
+    """results.csv, results.json and the figures of a run_sweep result under ``out``; returns the
+    paths written."""
+    from divfast.io import ensure_dir, write_json_atomic, write_text_atomic
+
+    ensure_dir(out)
+    written = [os.path.join(out, "results.csv"), os.path.join(out, "results.json")]
+    write_text_atomic(written[0], _sweep_csv(result["rows"]))
+    write_json_atomic(written[1], result)
+    return written + _sweep_figures(result, out)
 
 
 def _sweep_figures(result: dict, out: str) -> list[str]:
@@ -543,7 +573,7 @@ def sweep_cmd(pool, k, datasets, rules, out, data, seed, batch_size, device, cac
     """Evaluate every k-member ensemble of a pool from one pass per member: accuracy, gain over
     the best member, prediction (and attribution) diversity, difficulty functions."""
     from divfast.ensembles.sweep import run_sweep
-    from divfast.io import ensure_dir, json_safe, write_json_atomic, write_text_atomic
+    from divfast.io import ensure_dir, json_safe
 
     dev = _device(device)
     ensure_dir(out)
@@ -552,10 +582,7 @@ def sweep_cmd(pool, k, datasets, rules, out, data, seed, batch_size, device, cac
                        cache_dir=cache_dir if cache_dir is not None else os.path.join(out, "cache"),
                        groups=_split(group) if group is not None else None,
                        attribution=attribution, num_samples=num_samples, progress=progress)
-    written = [os.path.join(out, "results.csv"), os.path.join(out, "results.json")]
-    write_text_atomic(written[0], _sweep_csv(result["rows"]))
-    write_json_atomic(written[1], result)
-    written += _sweep_figures(result, out)
+    written = _write_sweep(result, out)
     if as_json:
         click.echo(json.dumps(json_safe(result), indent=2, allow_nan=False))
         return
