@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.bench_attribution
 	$(PY) -m benchmarks.bench_cka
 	$(PY) -m benchmarks.bench_sweep --loop-subsets 12 --vectorised-subsets 12 --reps 1
+	$(PY) -m benchmarks.bench_sweep_e2e
 
 clean:
 	rm -rf build divfast/_C*.so divfast/_build_info.py *.egg-info

@@ -528,3 +528,55 @@ def test_bad_loop_options_are_errors(member, data, desc, cache):
         member_logits(member, data, desc, cache=cache, num_workers=-1)
     with pytest.raises(DivfastError, match="cache"):
         member_logits(member, data, desc, cache=str(cache.root))
+
+
+# --- pool_logits: one data pass for the whole pool ------------------------------------------------
+
+
+class _CountingData(torch.utils.data.Dataset):
+    """Counts how many images are read: a pass over the data reads each once."""
+
+    def __init__(self, base):
+        self.base, self.reads = base, 0
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.base[i]
+
+
+def test_pool_logits_reads_the_data_once_for_every_missing_member(pool, data, desc, cache, passes):
+    from divfast.ensembles.cache import pool_logits
+
+    counting = _CountingData(data)
+    logits, target = pool_logits(pool, counting, desc, cache=cache, batch_size=7)
+    assert counting.reads == N  # one pass feeds both members
+    assert logits.shape == (2, N, 10) and passes["loads"] == 2
+    for i, path in enumerate(pool):
+        torch.testing.assert_close(logits[i], _direct(path, data), rtol=1e-5, atol=1e-5)
+        assert torch.equal(member_logits(path, data, desc, cache=cache)[0], logits[i])  # cached
+    assert torch.equal(target, torch.tensor([int(data[i][1]) for i in range(N)]))
+    counting.reads = 0
+    again, _ = pool_logits(pool, counting, desc, cache=cache)
+    assert counting.reads == 0 and torch.equal(again, logits)  # all hits: no pass at all
+
+
+def test_pool_logits_runs_only_the_members_the_cache_lacks(pool, data, desc, cache, passes):
+    from divfast.ensembles.cache import pool_logits
+
+    first, _ = member_logits(pool[0], data, desc, cache=cache)
+    loads = passes["loads"]
+    logits, _ = pool_logits(pool, data, desc, cache=cache)
+    assert passes["loads"] == loads + 1  # member 0 came from the cache
+    assert torch.equal(logits[0], first)
+
+
+def test_pool_logits_refuses_members_of_different_class_counts(pool, data, desc, tmp_path):
+    from divfast.ensembles.cache import pool_logits
+
+    other = str(tmp_path / "five.safetensors")
+    save_member(create_member("resnet10t", 5, (3, 32, 32)), other)
+    with pytest.raises(DivfastError, match=r"member_paths \(--members\).*different numbers of classes"):
+        pool_logits([pool[0], other], data, desc)

@@ -174,7 +174,7 @@ def test_run_sweep_rows_parameters_difficulty_and_a_pass_free_rerun(pool_paths, 
     cache = str(tmp_path / "cache")
     first = run_sweep(pool_paths, ["clean", "lines1.6"], k=3, cache_dir=cache,
                       num_samples=N_IMAGES, batch_size=N_IMAGES)  # batched as pool_logits
-    assert passes == {"loads": 2 * POOL, "forwards": 2 * POOL}
+    assert passes == {"loads": POOL, "forwards": 2 * POOL}  # each member loaded once, run per dataset
     assert first["schema"] == SCHEMA
     assert [d["spec"] for d in first["datasets"]] == ["clean", "lines1.6"]
     assert [m["name"] for m in first["members"]] == [f"m{i}" for i in range(POOL)]

@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -360,6 +361,31 @@ def member_logits(member_path: str | os.PathLike, dataset: Dataset, dataset_desc
         >>> torch.equal(member_logits(path, data, desc, cache=cache)[0], logits)  # no pass
         True
     """
+    logits, target = pool_logits([member_path], dataset, dataset_desc, cache=cache,
+                                 batch_size=batch_size, device=device, dtype=dtype,
+                                 progress=progress, num_workers=num_workers)
+    return logits[0], target
+
+
+def pool_logits(member_paths: Sequence[str | os.PathLike], dataset: Dataset, dataset_desc: dict,
+                cache: LogitsCache | None = None, batch_size: int = 128,
+                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                progress: bool = False, num_workers: int = 0,
+                loaded: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every member's logits on a dataset: :func:`member_logits` for a pool, with ONE pass over
+    the data feeding every member the cache does not hold (so a corrupted dataset is corrupted
+    once, not once per member).
+
+    ``loaded``, when given, keeps the members this call loads (keyed by path) and supplies those
+    an earlier call loaded, so a pool is loaded once for all its datasets.
+
+    Returns:
+        ``(logits (K, N, C) in dtype, target (N,) int64)``, on the CPU, members in order.
+
+    Raises:
+        DivfastError: as :func:`member_logits`, naming the member at fault; members that disagree
+            in their number of classes.
+    """
     from tqdm import tqdm
 
     from divfast.data.members import load_member
@@ -371,49 +397,75 @@ def member_logits(member_path: str | os.PathLike, dataset: Dataset, dataset_desc
         raise DivfastError(f"num_workers (--workers): expected an int >= 0, got {num_workers!r}")
     if cache is not None and not isinstance(cache, LogitsCache):
         raise DivfastError(f"cache: expected a LogitsCache or None, got {type(cache).__name__}")
-    member_path = os.fspath(member_path)
-    if cache is not None or not member_path.startswith("timm:"):
-        _check_member_file(member_path)
+    paths = [os.fspath(p) for p in member_paths]
+    for path in paths:
+        if cache is not None or not path.startswith("timm:"):
+            _check_member_file(path)
     desc = _check_description(dataset_desc)
     if len(dataset) != desc["num_samples"]:
         raise DivfastError(f"dataset_desc: num_samples is {desc['num_samples']} but the dataset "
                            f"has {len(dataset)} samples")
-    member_sha = None
+    results: list = [None] * len(paths)
+    shas: dict[int, str] = {}
     if cache is not None:
-        member_sha = cache.member_hash(member_path)
-        hit = cache.get(member_path, desc, dtype)
-        if hit is not None:
-            return hit
-
-    member = load_member(member_path, device).eval()
-    num_classes = member.info.num_classes
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    chunks, targets, n = [], [], 0
-    with torch.no_grad():
-        for x, y in tqdm(loader, desc=f"logits {os.path.basename(member_path)} {desc['spec']}",
-                         file=sys.stderr, disable=not progress, leave=False, dynamic_ncols=True):
-            logits = member(x.to(device)).float().cpu()  # (B, C)
-            if not bool(torch.isfinite(logits).all()):
-                raise DivfastError(f"--members: {member_path!r} produced NaN or infinite logits on "
-                                   f"{desc['spec']!r} (samples {n}..{n + len(y) - 1}); its weights "
-                                   "may be corrupt")
-            y = torch.as_tensor(y).to("cpu", torch.int64)  # (B,)
-            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-                raise DivfastError(f"--dataset: {desc['spec']!r} has labels outside "
-                                   f"{member_path!r}'s {num_classes} classes [0, {num_classes})")
-            chunks.append(logits)
-            targets.append(y)
-            n += len(y)
-    if n != desc["num_samples"]:
-        raise DivfastError(f"dataset_desc: num_samples is {desc['num_samples']} but the dataset "
-                           f"yielded {n} samples")
-    logits, target = torch.cat(chunks).to(dtype), torch.cat(targets)  # (N, C), (N,)
-    if not bool(torch.isfinite(logits).all()):  # only float16 can overflow here (|x| > 65504)
-        raise DivfastError(f"dtype: {member_path!r} has logits beyond float16's range on "
-                           f"{desc['spec']!r}; use torch.float32")
-    if cache is not None:
-        if cache.member_hash(member_path) != member_sha:
-            raise DivfastError(f"member_path (--members): {member_path!r} changed while it was "
-                               "evaluated; nothing was cached, run again")
-        cache.put(member_path, desc, logits, target)
-    return logits, target
+        for i, path in enumerate(paths):
+            shas[i] = cache.member_hash(path)
+            results[i] = cache.get(path, desc, dtype)
+    missing = [i for i in range(len(paths)) if results[i] is None]
+    if missing:
+        if loaded is None:
+            loaded = {}
+        for i in missing:
+            if paths[i] not in loaded:
+                loaded[paths[i]] = load_member(paths[i], device).eval()
+        members = {i: loaded[paths[i]] for i in missing}
+        classes = {members[i].info.num_classes for i in missing}
+        if len(classes) > 1:
+            raise DivfastError(f"member_paths (--members): the members predict different numbers "
+                               f"of classes ({sorted(classes)})")
+        num_classes = classes.pop()
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        chunks: dict[int, list] = {i: [] for i in missing}
+        targets, n = [], 0
+        name = os.path.basename(paths[missing[0]]) if len(missing) == 1 else f"{len(missing)} members"
+        with torch.no_grad():
+            for x, y in tqdm(loader, desc=f"logits {name} {desc['spec']}", file=sys.stderr,
+                             disable=not progress, leave=False, dynamic_ncols=True):
+                x = x.to(device)
+                y = torch.as_tensor(y).to("cpu", torch.int64)  # (B,)
+                for i in missing:
+                    logits = members[i](x).float().cpu()  # (B, C)
+                    if not bool(torch.isfinite(logits).all()):
+                        raise DivfastError(f"--members: {paths[i]!r} produced NaN or infinite "
+                                           f"logits on {desc['spec']!r} (samples {n}..{n + len(y) - 1}); "
+                                           "its weights may be corrupt")
+                    chunks[i].append(logits)
+                if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+                    raise DivfastError(f"--dataset: {desc['spec']!r} has labels outside "
+                                       f"{paths[missing[0]]!r}'s {num_classes} classes "
+                                       f"[0, {num_classes})")
+                targets.append(y)
+                n += len(y)
+        if n != desc["num_samples"]:
+            raise DivfastError(f"dataset_desc: num_samples is {desc['num_samples']} but the "
+                               f"dataset yielded {n} samples")
+        target = torch.cat(targets)  # (N,)
+        for i in missing:
+            logits = torch.cat(chunks[i]).to(dtype)  # (N, C)
+            if not bool(torch.isfinite(logits).all()):  # only float16 can overflow (|x| > 65504)
+                raise DivfastError(f"dtype: {paths[i]!r} has logits beyond float16's range on "
+                                   f"{desc['spec']!r}; use torch.float32")
+            results[i] = (logits, target)
+        if cache is not None:
+            for i in missing:
+                if cache.member_hash(paths[i]) != shas[i]:
+                    raise DivfastError(f"member_path (--members): {paths[i]!r} changed while it "
+                                       "was evaluated; nothing was cached, run again")
+            for i in missing:
+                cache.put(paths[i], desc, *results[i])
+    target = results[0][1]
+    for i, (logits, t) in enumerate(results):
+        if not torch.equal(t, target):
+            raise DivfastError(f"dataset_desc: the cached labels of {paths[i]!r} disagree with "
+                               f"those of {paths[0]!r} for {desc['spec']!r}; clear the cache")
+    return torch.stack([logits for logits, _ in results]), target

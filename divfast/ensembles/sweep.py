@@ -381,9 +381,9 @@ def run_sweep(member_paths: str | Sequence[str], datasets: str | Sequence[str], 
               progress: bool = False) -> dict:
     """Sweeps every k-member subset of a pool of checkpoints on every dataset.
 
-    For each dataset, each member's logits come from :func:`divfast.ensembles.member_logits`
-    (through a :class:`divfast.ensembles.LogitsCache` at ``cache_dir`` when given, so a rerun
-    does no forward pass); :func:`sweep` then gives the rows, tagged with ``"dataset"``, and
+    For each dataset, the members' logits come from :func:`divfast.ensembles.cache.pool_logits`:
+    one data pass feeds every member the :class:`divfast.ensembles.LogitsCache` at ``cache_dir``
+    lacks (so a corruption is computed once per dataset, and a rerun does no forward pass); :func:`sweep` then gives the rows, tagged with ``"dataset"``, and
     :func:`divfast.ensembles.difficulty_analysis` the difficulty functions of the groups. With
     ``attribution="saliency"`` each member also runs one Saliency backward pass per batch (label
     targets, absolute maps; never cached) and the rows get ``attribution_diversity``.
@@ -418,12 +418,12 @@ def run_sweep(member_paths: str | Sequence[str], datasets: str | Sequence[str], 
     Raises:
         DivfastError: naming the argument (and the CLI option): a bad pool (missing files,
             members disagreeing in class count), dataset spec, k, rule, ``groups``,
-            ``attribution`` or ``num_samples``, and whatever :func:`member_logits` raises.
+            ``attribution`` or ``num_samples``, and whatever :func:`pool_logits` raises.
     """
     from torch.utils.data import Subset
 
     from divfast.data import build_dataset
-    from divfast.ensembles.cache import LogitsCache, dataset_description, member_logits
+    from divfast.ensembles.cache import LogitsCache, dataset_description, pool_logits
     from divfast.ensembles.difficulty import difficulty_analysis
     from divfast.report.sweep_plots import correlation_table
 
@@ -462,15 +462,15 @@ def run_sweep(member_paths: str | Sequence[str], datasets: str | Sequence[str], 
                 "accuracy": {}}
                for name, path, info, params, group in zip(names, paths, infos, parameters, groups)]
     rows, difficulty, described = [], {}, []
+    loaded: dict = {}  # members loaded on a cache miss, kept for the next datasets
     for spec in specs:
         dataset = build_dataset(spec, data=data, image_size=image_size, seed=seed)
         if num_samples is not None and num_samples < len(dataset):
             dataset = Subset(dataset, range(num_samples))
         desc = dataset_description(spec, len(dataset), data, "test", image_size, seed)
-        outputs = [member_logits(p, dataset, desc, cache=cache, batch_size=batch_size,
-                                 device=device, progress=progress) for p in paths]
-        logits = torch.stack([out[0] for out in outputs])  # (K, N, C)
-        target = outputs[0][1]  # (N,)
+        logits, target = pool_logits(paths, dataset, desc, cache=cache, batch_size=batch_size,
+                                     device=device, progress=progress,
+                                     loaded=loaded)  # (K, N, C), (N,)
         pool_gram = gram_samples = None
         if attribution == "saliency":
             pool_gram, gram_samples = _pool_gram(paths, dataset, batch_size, device, progress)
