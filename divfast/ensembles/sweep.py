@@ -351,19 +351,23 @@ def _check_datasets(datasets) -> list[str]:
     return specs
 
 
-def _pool_gram(paths, dataset, batch_size, device, progress) -> tuple[torch.Tensor, int]:
+def _pool_gram(paths, dataset, batch_size, device, progress,
+               loaded: dict) -> tuple[torch.Tensor, int]:
     """The pool's Saliency Gram (label targets, absolute maps, ddof 0) over ``dataset``: one
-    backward pass per member and batch."""
+    backward pass per member and batch. Members come from (and go into) ``loaded``, by path."""
     import sys
 
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
     from divfast.attribution import member_attributions
-    from divfast.data import load_members
+    from divfast.data.members import load_member
     from divfast.metrics import AttributionDiversity
 
-    members = load_members(list(paths), device)
+    for path in paths:
+        if path not in loaded:
+            loaded[path] = load_member(path, device).eval()
+    members = [loaded[path] for path in paths]
     metric = AttributionDiversity(num_members=len(members))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     for x, y in tqdm(loader, desc="saliency", file=sys.stderr, disable=not progress, leave=False):
@@ -473,7 +477,8 @@ def run_sweep(member_paths: str | Sequence[str], datasets: str | Sequence[str], 
                                      loaded=loaded)  # (K, N, C), (N,)
         pool_gram = gram_samples = None
         if attribution == "saliency":
-            pool_gram, gram_samples = _pool_gram(paths, dataset, batch_size, device, progress)
+            pool_gram, gram_samples = _pool_gram(paths, dataset, batch_size, device, progress,
+                                                  loaded)
         for row in sweep(logits.to(device), target.to(device), k, rules, names, parameters,
                          pool_gram, gram_samples):
             rows.append({"dataset": spec, **row})
