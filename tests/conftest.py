@@ -1,4 +1,5 @@
-"""Shared fixtures: every op test runs on each device present.
+"""Shared fixtures: every op test runs on each device present; the random members the eval tests
+share; a counter of member loads and forward passes.
 
 DIVFAST_REQUIRE_CUDA=1 makes a missing GPU fail instead of skip; DIVFAST_REQUIRE_EXTENSION=1 (set by
 CI) makes a missing compiled extension fail instead of falling back to the reference.
@@ -30,3 +31,37 @@ def device(request):
 def gen():
     """A fresh, seeded generator per test so failures reproduce."""
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="module")
+def members():
+    """Three random 10-class members; the third sees the images at 24 px (its own resize)."""
+    from divfast.data.members import create_member
+
+    classes = [str(d) for d in range(10)]
+    out = []
+    for seed, size in [(0, 32), (1, 32), (2, 24)]:
+        torch.manual_seed(seed)
+        out.append(create_member("resnet10t", 10, (3, size, size), name=f"m{seed}",
+                                 class_names=classes).eval())
+    return out
+
+
+@pytest.fixture
+def passes(monkeypatch):
+    """Counts member loads and forward calls of everything that loads through
+    divfast.data.members.load_member (the logits cache, the sweep's saliency pass)."""
+    import divfast.data.members as members_module
+
+    counts = {"loads": 0, "forwards": 0}
+    real = members_module.load_member
+
+    def counting_load(spec, device="cpu"):
+        counts["loads"] += 1
+        loaded = real(spec, device)
+        loaded.register_forward_hook(lambda *_: counts.__setitem__("forwards",
+                                                                   counts["forwards"] + 1))
+        return loaded
+
+    monkeypatch.setattr(members_module, "load_member", counting_load)
+    return counts

@@ -24,7 +24,6 @@ import divfast.report.attribution_grid as grid_module
 from divfast.attribution import member_attributions
 from divfast.cli import main as cli_main
 from divfast.data import digits_dataset, load_members, save_member
-from divfast.data.members import create_member
 from divfast.ensembles import evaluate
 from divfast.ensembles.evaluate import (ATTRIBUTION_METHODS, ATTRIBUTION_NORMALIZATIONS,
                                         ATTRIBUTION_TARGETS, attribution_examples)
@@ -33,18 +32,6 @@ from divfast.functional import attribution_diversity
 from divfast.report import draw_attribution_grid, render_accuracy_by_dataset, render_eval
 from divfast.report.attribution_grid import CELL_INCHES, DPI, TITLE_INCHES, saliency_masked
 
-CLASSES = [str(d) for d in range(10)]
-
-
-@pytest.fixture(scope="module")
-def members():
-    """Three random 10-class members; the third sees the images at 24 px (its own resize)."""
-    out = []
-    for seed, size in [(0, 32), (1, 32), (2, 24)]:
-        torch.manual_seed(seed)
-        out.append(create_member("resnet10t", 10, (3, size, size), name=f"m{seed}",
-                                 class_names=CLASSES).eval())
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,6 @@ from cli_helpers import assert_user_error
 from cli_helpers import invoke as cli_invoke
 from divfast._ops import reference
 from divfast.data import digits_dataset, save_member
-from divfast.data.members import create_member
 from divfast.ensembles import evaluate
 from divfast.errors import DivfastError
 from divfast.functional.representation import depth_alignment, gram_matrices
@@ -34,21 +33,9 @@ from divfast.report import render_eval
 
 # the module, which `divfast.ensembles.evaluate` (the function) hides
 evaluate_module = importlib.import_module("divfast.ensembles.evaluate")
-CLASSES = [str(d) for d in range(10)]
 STAGES = ["act1", "layer1", "layer2", "layer3", "layer4"]  # resnet10t's feature_info modules
 BLOCK_KEYS = {"kernel", "bandwidth", "members", "layers", "names", "cka", "by_depth",
               "mean_cross_member_cka", "batches", "skipped_samples"}
-
-
-@pytest.fixture(scope="module")
-def members():
-    """Three random 10-class members; the third sees the images at 24 px (its own resize)."""
-    out = []
-    for seed, size in [(0, 32), (1, 32), (2, 24)]:
-        torch.manual_seed(seed)
-        out.append(create_member("resnet10t", 10, (3, size, size), name=f"m{seed}",
-                                 class_names=CLASSES).eval())
-    return out
 
 
 @pytest.fixture(scope="module")

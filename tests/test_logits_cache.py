@@ -61,23 +61,6 @@ def cache(tmp_path):
     return LogitsCache(tmp_path / "cache")
 
 
-@pytest.fixture
-def passes(monkeypatch):
-    """Counts member loads and forward calls made by member_logits."""
-    counts = {"loads": 0, "forwards": 0}
-    real = members_module.load_member
-
-    def counting_load(spec, device="cpu"):
-        counts["loads"] += 1
-        loaded = real(spec, device)
-        loaded.register_forward_hook(lambda *_: counts.__setitem__("forwards",
-                                                                   counts["forwards"] + 1))
-        return loaded
-
-    monkeypatch.setattr(members_module, "load_member", counting_load)
-    return counts
-
-
 def _direct(path, data):
     """Logits of one forward over the whole subset, outside the cache."""
     loaded = load_member(path)  # the real loader, uncounted

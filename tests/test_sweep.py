@@ -15,7 +15,6 @@ from torch.utils.data import Subset
 
 from cli_helpers import assert_user_error, invoke
 from divfast.data import digits_dataset, load_member, save_member
-from divfast.data import members as members_module
 from divfast.data.members import create_member
 from divfast.ensembles.consensus import target_rank
 from divfast.ensembles.sweep import ROW_KEYS, SCHEMA, all_subsets, run_sweep, sweep
@@ -149,24 +148,6 @@ def test_bad_pool_tensors_are_errors():
         sweep(torch.randn(4, 10, 5), torch.zeros(9, dtype=torch.long))
     with pytest.raises(DivfastError, match="^target"):
         sweep(torch.randn(4, 10, 5), torch.full((10,), 5))
-
-
-@pytest.fixture
-def passes(monkeypatch):
-    """Counts member loads and forward calls (member_logits and the saliency pass load through
-    divfast.data.members.load_member)."""
-    counts = {"loads": 0, "forwards": 0}
-    real = members_module.load_member
-
-    def counting_load(spec, device="cpu"):
-        counts["loads"] += 1
-        loaded = real(spec, device)
-        loaded.register_forward_hook(lambda *_: counts.__setitem__("forwards",
-                                                                   counts["forwards"] + 1))
-        return loaded
-
-    monkeypatch.setattr(members_module, "load_member", counting_load)
-    return counts
 
 
 def test_run_sweep_rows_parameters_difficulty_and_a_pass_free_rerun(pool_paths, pool_logits,
