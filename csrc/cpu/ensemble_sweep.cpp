@@ -2,7 +2,7 @@
 // and its histogram of correct members, in one pass over the samples.
 //
 // Work items are ranges of samples. For each sample, every member's row of C logits is read once: a
-// vectorised pass checks it is finite and finds the maximum of each block of 16 values, and only the
+// vectorised pass checks it is finite and finds the maximum of each block of 4 classes, and only the
 // blocks whose maximum beats the current sixth-best are scanned for the member's top classes and its
 // argmax. Each subset then ranks the target by the threshold algorithm over its members' top lists
 // (see sweep_range), gathering only the logits of the classes it meets; what the lists cannot settle
@@ -29,7 +29,7 @@ using kernels::SweepKey;
 constexpr int kShallow = kernels::kSweepTop + 1;  // first pass: a member's top five and the next value
 constexpr int kDeep = kShallow;                    // deepening off: the bounded scan is cheaper here
 constexpr int kCap = kernels::kSweepRankCap;
-constexpr int64_t kBlock = 8;                      // classes per block of the pre-pass and the scan
+constexpr int64_t kBlock = 4;                      // classes per block of the pre-pass and the scan
 
 struct SweepOut {
   int64_t* top1;
