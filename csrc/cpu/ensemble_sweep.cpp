@@ -26,8 +26,7 @@ namespace divfast {
 namespace {
 
 using kernels::SweepKey;
-constexpr int kShallow = kernels::kSweepTop + 1;  // first pass: a member's top five and the next value
-constexpr int kDeep = kShallow;                    // deepening off: the bounded scan is cheaper here
+constexpr int kKeep = kernels::kSweepTop + 1;     // a member's top five classes and the next one
 constexpr int kCap = kernels::kSweepRankCap;
 constexpr int64_t kBlock = 4;                      // classes per block of the pre-pass and the scan
 
@@ -200,23 +199,24 @@ int scan_rank(DIVFAST_SCAN_ARGS(scalar_t)) {
   return scan_rank_impl<scalar_t>(DIVFAST_SCAN_CALL);
 }
 
-// For each sample: every member's top classes (kShallow; deepening to kDeep on demand is built in but
-// off, since the bounded scan settles the rest for less); then per subset the threshold algorithm
-// (Fagin et al.): walk the members' lists level by level, ranking each new class against the target,
-// until five rank above it (out of the top five) or the key of the members' next values falls below
-// the target's (no class not yet seen can rank above it: every key is non-decreasing in each member's
-// value, and rounding is monotone). Lists that run out before either happens fall back to the
-// bounded scan (scan_rank).
+// For each sample: every member's top classes, and a table of every member's logit for each class in
+// any member's list (gathered once per sample, shared by all subsets); then per subset the threshold
+// algorithm (Fagin et al.): walk the members' lists level by level, ranking each new class against
+// the target by table lookups, until five rank above it (out of the top five) or the key of the
+// members' next values falls below the target's (no class not yet seen can rank above it: every key
+// is non-decreasing in each member's value, and rounding is monotone). Lists that run out before
+// either happens fall back to the bounded scan (scan_rank).
 template <typename scalar_t>
 void sweep_range(const scalar_t* z, const int64_t* target, const int64_t* subsets, int64_t pool,
                  int64_t n_count, int64_t c_count, int64_t s_count, int k, int rule, int64_t n0,
                  int64_t n1, SweepOut out, bool* finite, bool* target_ok) {
   const int64_t blocks = (c_count + kBlock - 1) / kBlock;
-  std::vector<double> vals(pool * kDeep), block_max(pool * blocks);
-  std::vector<int64_t> idx(pool * kDeep), argmax(pool);
-  std::vector<int> kept(pool), depth(pool);
+  std::vector<double> vals(pool * kKeep), block_max(pool * blocks);
+  std::vector<int64_t> idx(pool * kKeep), argmax(pool);
+  std::vector<int> kept(pool), list_slot(pool * kKeep), slot_of(c_count, -1);
   std::vector<char> correct(pool);
-  std::vector<int64_t> mark(c_count, -1);
+  std::vector<int64_t> slot_class, seen;  // per slot: its class; the last subset that met it
+  std::vector<double> table;              // slot-major: every member's logit for the slot's class
   std::vector<double> values(k), scratch(k);
   std::vector<const scalar_t*> rows(k);
   double sums[kBlock];
@@ -231,68 +231,81 @@ void sweep_range(const scalar_t* z, const int64_t* target, const int64_t* subset
         *finite = false;
         return;
       }
-      depth[i] = kShallow;
-      kept[i] = row_top(row, c_count, kShallow, &block_max[i * blocks], &vals[i * kDeep], &idx[i * kDeep]);
-      argmax[i] = idx[i * kDeep];
+      kept[i] = row_top(row, c_count, kKeep, &block_max[i * blocks], &vals[i * kKeep], &idx[i * kKeep]);
+      argmax[i] = idx[i * kKeep];
       correct[i] = argmax[i] == t;
     }
     if (t < 0 || t >= c_count) {  // after the rows: NaN is reported before a bad label
       *target_ok = false;
       continue;
     }
+    slot_class.assign(1, t);  // slot 0: the target
+    slot_of[t] = 0;
+    for (int64_t i = 0; i < pool; ++i)
+      for (int q = 0; q < kept[i]; ++q) {
+        const int64_t c = idx[i * kKeep + q];
+        if (slot_of[c] < 0) {
+          slot_of[c] = static_cast<int>(slot_class.size());
+          slot_class.push_back(c);
+        }
+        list_slot[i * kKeep + q] = slot_of[c];
+      }
+    const int64_t slots = static_cast<int64_t>(slot_class.size());
+    table.resize(slots * pool);
+    for (int64_t i = 0; i < pool; ++i) {
+      const scalar_t* row = z + (i * n_count + n) * c_count;
+      for (int64_t sl = 0; sl < slots; ++sl) table[sl * pool + i] = static_cast<double>(row[slot_class[sl]]);
+    }
+    seen.assign(slots, -1);
     for (int64_t s = 0; s < s_count; ++s) {
       const int64_t* m = subsets + s * k;
       int n_correct = 0;
-      for (int j = 0; j < k; ++j) {
-        n_correct += correct[m[j]];
-        rows[j] = z + (m[j] * n_count + n) * c_count;
-        maxima[j] = &block_max[m[j] * blocks];
-      }
+      for (int j = 0; j < k; ++j) n_correct += correct[m[j]];
       ++out.hist[s * (k + 1) + n_correct];
-      auto key = [&](int64_t c) {
+      auto key_of_slot = [&](int64_t sl) {
+        const double* column = &table[sl * pool];
+        const int64_t c = slot_class[sl];
         int votes = 0;
         for (int j = 0; j < k; ++j) {
-          values[j] = static_cast<double>(rows[j][c]);
+          values[j] = column[m[j]];
           votes += argmax[m[j]] == c;
         }
         return kernels::key_of(rule, values.data(), k, votes, scratch.data());
       };
-      const SweepKey kt = key(t);
-      mark[t] = ++stamp;
+      const SweepKey kt = key_of_slot(0);
+      seen[0] = ++stamp;
       int above = 0;
       bool decided = false;
       for (int64_t d = 0; !decided; ++d) {
         for (int j = 0; j < k; ++j) {  // the classes at depth d of each member's list
-          const int64_t c = idx[m[j] * kDeep + d];
-          if (mark[c] == stamp) continue;
-          mark[c] = stamp;
-          if (kernels::ranks_above(key(c), c, kt, t) && ++above >= kCap) {
+          const int sl = list_slot[m[j] * kKeep + d];
+          if (seen[sl] == stamp) continue;
+          seen[sl] = stamp;
+          if (kernels::ranks_above(key_of_slot(sl), slot_class[sl], kt, t) && ++above >= kCap) {
             decided = true;  // out of the top five, whatever the rest do
             break;
           }
         }
         if (decided || d + 1 >= c_count) break;  // every class of the row has been seen: exact
         bool listed = true;
-        for (int j = 0; j < k && listed; ++j) {
-          const int64_t i = m[j];
-          if (d + 1 >= kept[i] && depth[i] < kDeep) {  // deepen this member's list, once per sample
-            depth[i] = kDeep;
-            kept[i] = row_top(z + (i * n_count + n) * c_count, c_count, kDeep, &block_max[i * blocks],
-                              &vals[i * kDeep], &idx[i * kDeep]);
-          }
-          listed = d + 1 < kept[i];
-        }
-        if (!listed) break;  // the lists ran out: scan every class
-        for (int j = 0; j < k; ++j) values[j] = vals[m[j] * kDeep + d + 1];
+        for (int j = 0; j < k && listed; ++j) listed = d + 1 < kept[m[j]];
+        if (!listed) break;  // the lists ran out: scan
+        for (int j = 0; j < k; ++j) values[j] = vals[m[j] * kKeep + d + 1];
         // A class not yet seen sits below depth d in every list: its values are at most these.
         decided = kernels::key_greater(kt, kernels::key_of(rule, values.data(), k, 0, scratch.data()));
       }
-      if (!decided && above < kCap && c_count > 1)
+      if (!decided && above < kCap && c_count > 1) {
+        for (int j = 0; j < k; ++j) {
+          rows[j] = z + (m[j] * n_count + n) * c_count;
+          maxima[j] = &block_max[m[j] * blocks];
+        }
         above = scan_rank(rows.data(), maxima.data(), k, c_count, rule, t, kt, argmax.data(), m,
                           values.data(), scratch.data(), sums, bounds.data());
+      }
       out.top1[s] += above == 0;
       out.top5[s] += above < kCap;
     }
+    for (const int64_t c : slot_class) slot_of[c] = -1;
   }
 }
 
