@@ -527,3 +527,20 @@ def test_cli_single_member_draws_its_self_map(ckpts, tmp_path, few_images, monke
     assert "representation similarity (minibatch CKA," in result.stdout  # a narrow table wraps
     block = json.loads((out / "report.json").read_text())["representation"]
     assert block["members"] == ["m0"] and block["mean_cross_member_cka"] is None
+
+
+def test_a_glob_drops_modules_the_forward_never_calls(members, small):
+    """`--layers '*'` on a model with a module its forward never calls (a fused ViT's attn_drop, a
+    disabled drop path): that layer is dropped with a warning; an exact name that never runs is an
+    error."""
+    import copy
+
+    member = copy.deepcopy(members[0])
+    member.model.unused = torch.nn.Dropout(0.1)  # registered, never called
+    with pytest.warns(RuntimeWarning, match=r"dropped layer\(s\).*unused"):
+        block = _report([member, members[1]], small, representation=True,
+                        layers=[["*"], ["layer1"]])["representation"]
+    assert "unused" not in block["layers"][0] and block["layers"][1] == ["layer1"]
+    assert len(block["cka"]) == len(block["layers"][0]) + 1
+    with pytest.raises(DivfastError, match=r"did not run"):
+        _report([member], small, representation=True, layers=["unused", "layer1"])

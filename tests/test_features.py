@@ -464,3 +464,50 @@ def test_outputs_must_share_the_batch_size(gen):
             capture.members[1](torch.randn(5, 6, generator=gen))
         with pytest.raises(DivfastError, match="output of 1/fc1 has 5 samples, that of 0/fc has 8"):
             capture.pop()
+
+
+class _WithUnused(nn.Module):
+    """fc -> relu -> out, plus a module the forward never calls (like a fused ViT's attn_drop)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act, self.out = nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)
+        self.unused = nn.Dropout(0.1)
+
+    def forward(self, x):
+        return self.out(self.act(self.fc(x)))
+
+
+def test_missing_drop_removes_layers_that_never_ran_at_the_first_pop():
+    net = _WithUnused().eval()
+    capture = GramCapture([net], ["*"], missing="drop", gram_dtype=torch.float64)
+    assert capture.layers == [["fc", "act", "out", "unused"]]
+    x = torch.randn(10, 6)
+    with capture:
+        with capture.recording():
+            net(x)
+        with pytest.warns(RuntimeWarning, match=r"dropped layer\(s\) that did not run.*0/unused"):
+            grams = capture.pop()
+        assert grams.shape == (3, 10, 10)
+        assert capture.layers == [["fc", "act", "out"]] and capture.num_grams == 3
+        assert capture.names == ["0/fc", "0/act", "0/out"]
+        with capture.recording():
+            net(x)
+        torch.testing.assert_close(capture.pop(), grams)  # later batches: same layers, no warning
+
+
+def test_missing_error_is_the_default_and_drop_never_hides_a_layer_that_stops_running():
+    net = _WithUnused().eval()
+    with GramCapture([net], ["*"]) as capture:
+        with capture.recording():
+            net(torch.randn(5, 6))
+        with pytest.raises(DivfastError, match=r"0/unused did not run"):
+            capture.pop()
+    with pytest.raises(DivfastError, match=r"missing: expected 'error' or 'drop'"):
+        GramCapture([net], ["*"], missing="skip")
+    nothing = GramCapture([net], ["unused"], missing="drop")  # every layer idle: still an error
+    with nothing:
+        with nothing.recording():
+            net(torch.randn(5, 6))
+        with pytest.raises(DivfastError, match=r"did not run"):
+            nothing.pop()

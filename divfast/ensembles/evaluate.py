@@ -80,6 +80,14 @@ def check_attribution_options(attribution: str, ig_steps: int, attribution_targe
                            f"got {attribution_normalize!r}")
 
 
+def _has_glob(layers) -> bool:
+    """Whether any layer pattern (one list, or one per member) is a glob rather than a name."""
+    if layers is None or isinstance(layers, str):
+        return False
+    flat = [p for item in layers for p in ([item] if isinstance(item, str) else (item or []))]
+    return any(isinstance(p, str) and any(ch in p for ch in "*?[") for p in flat)
+
+
 def check_representation_options(cka_kernel: str, rbf_bandwidth: float) -> None:
     """Raises a DivfastError naming the CLI option for a bad representation setting."""
     if cka_kernel not in ("linear", "rbf"):
@@ -197,7 +205,7 @@ def evaluate(members: list[Member], dataset: Dataset, dataset_spec: str = "clean
     check_dataset_classes(members, dataset, dataset_spec)
     check_representation_options(cka_kernel, rbf_bandwidth)
     capture = (GramCapture(members, layers, kernel=cka_kernel, bandwidth=rbf_bandwidth,
-                           gram_dtype=gram_dtype)
+                           gram_dtype=gram_dtype, missing="drop" if _has_glob(layers) else "error")
                if representation else None)  # resolves the layers: a bad glob fails before the pass
     m = len(members)
     names = member_names or [mb.name for mb in members]
@@ -208,8 +216,7 @@ def evaluate(members: list[Member], dataset: Dataset, dataset_spec: str = "clean
                    else AttributionDiversity(num_members=m, normalize=attribution_normalize))
     top5 = torch.zeros(m, dtype=torch.long)
     ens5 = n = 0
-    rep_metric = None if capture is None else RepresentationSimilarity(capture.names, cka_kernel,
-                                                                       rbf_bandwidth)
+    rep_metric = None  # made at the first batch: a glob's layers that never run are dropped then
     with capture if capture is not None else contextlib.nullcontext():
         for x, y in tqdm(loader, desc=f"eval {dataset_spec}", file=sys.stderr, disable=not progress,
                          leave=False, dynamic_ncols=True):
@@ -225,8 +232,11 @@ def evaluate(members: list[Member], dataset: Dataset, dataset_spec: str = "clean
                                    f"infinite logits on {dataset_spec!r} (samples {n}..{n + len(y) - 1}); "
                                    "its weights may be corrupt")
             metric.update(logits, y)
-            if rep_metric is not None:
-                rep_metric.update_grams(capture.pop())  # (G, n, n), formed inside the forward pass
+            if capture is not None:
+                grams = capture.pop()  # (G, n, n), formed inside the forward pass
+                if rep_metric is None:
+                    rep_metric = RepresentationSimilarity(capture.names, cka_kernel, rbf_bandwidth)
+                rep_metric.update_grams(grams)
             if maps_metric is not None:
                 maps_metric.update(_batch_maps(members, x, y, logits, attribution, attribution_target,
                                                ig_steps))  # (M, B, 3, H, W) in, sums kept

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from fnmatch import fnmatchcase
@@ -283,6 +284,11 @@ class GramCapture:
             CKA within about 3e-8 of float64 products on resnet18's 93 modules, see
             benchmarks/RESULTS.md) or ``torch.float64``. The Grams are returned in float64
             either way, and the HSIC sums are float64.
+        missing: what :meth:`pop` does with a layer that did not run: ``"error"`` (default) or
+            ``"drop"``: layers that did not run in the FIRST recorded forward are dropped for good
+            (with a warning naming them; :attr:`names` and :attr:`layers` shrink), e.g. modules a
+            ``"*"`` glob matches but the forward never calls (ViT's ``attn_drop`` with fused
+            attention, disabled drop paths); a layer missing later is still an error.
 
     Example:
         >>> from divfast.functional.representation import cka_from_hsic, hsic_matrix_from_grams
@@ -299,8 +305,13 @@ class GramCapture:
     def __init__(self, members: Sequence[nn.Module],
                  layers: Sequence[str] | Sequence[Sequence[str] | None] | None = None,
                  kernel: str = "linear", bandwidth: float = 0.5,
-                 gram_dtype: torch.dtype = torch.float32):
+                 gram_dtype: torch.dtype = torch.float32, missing: str = "error"):
         _check_options(kernel, bandwidth, gram_dtype)
+        if missing not in ("error", "drop"):
+            raise DivfastError(f"missing: expected 'error' or 'drop', got {missing!r}")
+        self.missing = missing
+        self._dropped: set[tuple[int, int]] = set()  # (member, slot) of layers dropped at the first pop
+        self._popped = False
         self.members = list(members)
         if not self.members:
             raise DivfastError("members: expected at least one member")
@@ -320,17 +331,18 @@ class GramCapture:
     def names(self) -> list[str]:
         """``"<member>/<layer>"`` for every Gram, member-major: the member's name when every member
         has a distinct one, else its index."""
-        return [f"{label}/{layer}" for label, layers in zip(self._labels, self._layers)
+        return [f"{label}/{layer}" for label, layers in zip(self._labels, self.layers)
                 for layer in layers]
 
     @property
     def layers(self) -> list[list[str]]:
-        """The resolved layer names of each member."""
-        return [list(layers) for layers in self._layers]
+        """The resolved layer names of each member (less any dropped at the first pop)."""
+        return [[layer for slot, layer in enumerate(layers) if (member, slot) not in self._dropped]
+                for member, layers in enumerate(self._layers)]
 
     @property
     def num_grams(self) -> int:
-        return sum(len(layers) for layers in self._layers)
+        return sum(len(layers) for layers in self.layers)
 
     def _clear(self) -> None:
         self._grams: list[list[torch.Tensor | None]] = [[None] * len(ls) for ls in self._layers]
@@ -430,8 +442,19 @@ class GramCapture:
                 raise RuntimeError(f"GramCapture.pop: no recorded forward of member(s) "
                                    f"{', '.join(idle)} since the last pop; run every member inside "
                                    "`with capture.recording():`")
+            if self.missing == "drop" and not self._popped:  # layers off the forward path go
+                idle_layers = [(member, slot) for member, grams in enumerate(self._grams)
+                               for slot, g in enumerate(grams) if g is None]
+                if idle_layers and len(idle_layers) < sum(len(ls) for ls in self._layers):
+                    warnings.warn("GramCapture: dropped layer(s) that did not run in the first "
+                                  "recorded forward: " + _listing(
+                                      [f"{self._labels[m]}/{self._layers[m][k]}"
+                                       for m, k in idle_layers]), RuntimeWarning, stacklevel=2)
+                    self._dropped.update(idle_layers)
+            self._popped = True
             names = self.names
-            flat = [g for grams in self._grams for g in grams]
+            flat = [g for member, grams in enumerate(self._grams) for slot, g in enumerate(grams)
+                    if (member, slot) not in self._dropped]
             missing = [name for name, g in zip(names, flat) if g is None]
             if missing:
                 raise DivfastError(f"layers (--layers): {_listing(missing)} did not run in the "
