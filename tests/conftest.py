@@ -47,6 +47,20 @@ def members():
     return out
 
 
+@pytest.fixture(scope="module")
+def member_files(tmp_path_factory, members):
+    """The first two of `members`, saved as checkpoint files (for the CLI)."""
+    from divfast.data import save_member
+
+    folder = tmp_path_factory.mktemp("members")
+    paths = []
+    for member in members[:2]:
+        path = str(folder / f"{member.name}.safetensors")
+        save_member(member, path)
+        paths.append(path)
+    return paths
+
+
 @pytest.fixture
 def passes(monkeypatch):
     """Counts member loads and forward calls of everything that loads through

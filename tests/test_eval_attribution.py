@@ -23,7 +23,7 @@ import divfast.report
 import divfast.report.attribution_grid as grid_module
 from divfast.attribution import member_attributions
 from divfast.cli import main as cli_main
-from divfast.data import digits_dataset, load_members, save_member
+from divfast.data import digits_dataset, load_members
 from divfast.ensembles import evaluate
 from divfast.ensembles.evaluate import (ATTRIBUTION_METHODS, ATTRIBUTION_NORMALIZATIONS,
                                         ATTRIBUTION_TARGETS, attribution_examples)
@@ -44,17 +44,6 @@ def small():
 def images_and_labels(small):
     x, y = digits_dataset("test").tensors
     return x[:len(small)], y[:len(small)]
-
-
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory, members):
-    d = tmp_path_factory.mktemp("attr-members")
-    paths = []
-    for member in members[:2]:
-        path = str(d / f"{member.name}.safetensors")
-        save_member(member, path)
-        paths.append(path)
-    return paths
 
 
 def _report(members, data, **kw):
@@ -313,17 +302,17 @@ def invoke(args):
     (["--attribution-target", "nope"], "--attribution-target"),
     (["--attribution-normalize", "l3"], "--attribution-normalize"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else v)
-def test_cli_bad_attribution_options(ckpts, tmp_path, extra, flag):
+def test_cli_bad_attribution_options(member_files, tmp_path, extra, flag):
     out = tmp_path / "out"
-    result = invoke(["eval", "--members", ",".join(ckpts), "--no-progress", "--out", str(out),
+    result = invoke(["eval", "--members", ",".join(member_files), "--no-progress", "--out", str(out),
                      *extra])
     assert_user_error(result, flag)
     assert not out.exists()  # refused before any work
 
 
-def test_cli_out_writes_the_grid(ckpts, tmp_path):
+def test_cli_out_writes_the_grid(member_files, tmp_path):
     out = tmp_path / "out"
-    result = invoke(["eval", "--members", ",".join(ckpts), "--no-progress", "--device", "cpu",
+    result = invoke(["eval", "--members", ",".join(member_files), "--no-progress", "--device", "cpu",
                      "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["attributions.png", "report.json"]
@@ -342,7 +331,7 @@ def test_cli_out_writes_the_grid(ckpts, tmp_path):
     assert math.isfinite(report["attribution"]["diversity"])
 
 
-def test_cli_grid_arguments_and_json(ckpts, tmp_path, monkeypatch):
+def test_cli_grid_arguments_and_json(member_files, tmp_path, monkeypatch):
     """The grid gets the first four images, every member's maps of them and the member names; the
     JSON on stdout is the library's report (IG, 2 steps, ensemble target, l2)."""
     seen = {}
@@ -354,7 +343,7 @@ def test_cli_grid_arguments_and_json(ckpts, tmp_path, monkeypatch):
     opts = ["--attribution", "ig", "--ig-steps", "2", "--attribution-target", "ensemble",
             "--attribution-normalize", "l2"]
     out = tmp_path / "out"
-    result = invoke(["eval", "--members", ",".join(ckpts), "--no-progress", "--device", "cpu",
+    result = invoke(["eval", "--members", ",".join(member_files), "--no-progress", "--device", "cpu",
                      "--json", "--out", str(out), *opts])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)  # stdout is the JSON alone
@@ -365,22 +354,22 @@ def test_cli_grid_arguments_and_json(ckpts, tmp_path, monkeypatch):
     x, y = digits_dataset("test").tensors
     assert torch.equal(seen["images"], x[:4])
     assert seen["maps"].shape == (2, 4, 3, 32, 32)
-    direct = member_attributions(load_members(ckpts), x[:4], target="ensemble", method="ig",
+    direct = member_attributions(load_members(member_files), x[:4], target="ensemble", method="ig",
                                  ig_steps=2)
     assert torch.allclose(seen["maps"], direct, rtol=1e-5, atol=1e-7)
     assert seen["names"] == ["m0", "m1"] and seen["path"] == str(out / "attributions.png")
     assert seen["row_labels"] == [f"label {int(v)}" for v in y[:4]]
 
-    lib = evaluate(load_members(ckpts), digits_dataset("test"), "clean", progress=False,
+    lib = evaluate(load_members(member_files), digits_dataset("test"), "clean", progress=False,
                    attribution="ig", ig_steps=2, attribution_target="ensemble",
                    attribution_normalize="l2")
     lib["member_files"] = report["member_files"]
     assert json.dumps(lib, sort_keys=True) == json.dumps(report, sort_keys=True)
 
 
-def test_cli_attribution_none(ckpts, tmp_path):
+def test_cli_attribution_none(member_files, tmp_path):
     out = tmp_path / "out"
-    result = invoke(["eval", "--members", ",".join(ckpts), "--no-progress", "--device", "cpu",
+    result = invoke(["eval", "--members", ",".join(member_files), "--no-progress", "--device", "cpu",
                      "--attribution", "none", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["report.json"]  # no maps, no figure

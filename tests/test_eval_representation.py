@@ -25,7 +25,7 @@ import divfast.report
 from cli_helpers import assert_user_error
 from cli_helpers import invoke as cli_invoke
 from divfast._ops import reference
-from divfast.data import digits_dataset, save_member
+from divfast.data import digits_dataset
 from divfast.ensembles import evaluate
 from divfast.errors import DivfastError
 from divfast.functional.representation import depth_alignment, gram_matrices
@@ -353,17 +353,6 @@ def invoke(args):
     return cli_invoke(CliRunner(), args)
 
 
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory, members):
-    d = tmp_path_factory.mktemp("rep-members")
-    paths = []
-    for member in members[:2]:
-        path = str(d / f"{member.name}.safetensors")
-        save_member(member, path)
-        paths.append(path)
-    return paths
-
-
 N_CLI = 24  # images the CLI sees: its dataset cut to the first N_CLI (one batch at the default 128)
 
 
@@ -382,18 +371,24 @@ def few_images(monkeypatch):
     return Subset(digits_dataset("test"), range(N_CLI))
 
 
-def _eval_args(ckpts, *extra):
-    return ["eval", "--members", ",".join(ckpts), "--no-progress", "--device", "cpu", *extra]
-
-
-def test_cli_representation_writes_maps_and_table(ckpts, tmp_path, few_images, monkeypatch):
-    drawn = []
+@pytest.fixture
+def drawn(monkeypatch):
+    """The `pairs` of every draw_cka_maps call the CLI makes (the figure is still drawn)."""
+    calls = []
     real_draw = divfast.report.draw_cka_maps
     monkeypatch.setattr(divfast.report, "draw_cka_maps",
-                        lambda block, path, pairs="cross": drawn.append(pairs)
+                        lambda block, path, pairs="cross": calls.append(pairs)
                         or real_draw(block, path, pairs))
+    return calls
+
+
+def _eval_args(member_files, *extra):
+    return ["eval", "--members", ",".join(member_files), "--no-progress", "--device", "cpu", *extra]
+
+
+def test_cli_representation_writes_maps_and_table(member_files, tmp_path, few_images, drawn):
     out = tmp_path / "out"
-    result = invoke(_eval_args(ckpts, "--metrics", "representation", "--out", out))
+    result = invoke(_eval_args(member_files, "--metrics", "representation", "--out", out))
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["cka_maps.png", "report.json"]
     assert drawn == ["cross"]
@@ -416,9 +411,9 @@ def test_cli_representation_writes_maps_and_table(ckpts, tmp_path, few_images, m
         assert img.format == "PNG" and img.size[0] > 0
 
 
-def test_cli_metrics_all(ckpts, tmp_path, few_images):
+def test_cli_metrics_all(member_files, tmp_path, few_images):
     out = tmp_path / "out"
-    result = invoke(_eval_args(ckpts, "--metrics", "all", "--out", out))
+    result = invoke(_eval_args(member_files, "--metrics", "all", "--out", out))
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["attributions.png", "cka_maps.png",
                                                      "report.json"]
@@ -428,9 +423,9 @@ def test_cli_metrics_all(ckpts, tmp_path, few_images):
     assert "│ attribution" in result.stdout and "representation similarity" in result.stdout
 
 
-def test_cli_metrics_prediction_only(ckpts, tmp_path, few_images):
+def test_cli_metrics_prediction_only(member_files, tmp_path, few_images):
     out = tmp_path / "out"
-    result = invoke(_eval_args(ckpts, "--metrics", " prediction ", "--out", out))
+    result = invoke(_eval_args(member_files, "--metrics", " prediction ", "--out", out))
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["report.json"]
     report = json.loads((out / "report.json").read_text())
@@ -440,9 +435,9 @@ def test_cli_metrics_prediction_only(ckpts, tmp_path, few_images):
 
 @pytest.mark.parametrize("metrics", ["bogus", "", ",", "prediction,bogus", "all,prediction",
                                      "Representation"])
-def test_cli_bad_metrics(ckpts, tmp_path, metrics):
+def test_cli_bad_metrics(member_files, tmp_path, metrics):
     out = tmp_path / "out"
-    result = invoke(_eval_args(ckpts, "--metrics", metrics, "--out", out))
+    result = invoke(_eval_args(member_files, "--metrics", metrics, "--out", out))
     assert_user_error(result, "--metrics")
     assert not out.exists()  # refused before any work
 
@@ -451,23 +446,23 @@ def test_cli_bad_metrics(ckpts, tmp_path, metrics):
                                    ["--rbf-bandwidth", "nan"], ["--rbf-bandwidth", "inf"],
                                    ["--rbf-bandwidth", "wide"]],
                          ids=lambda v: v[-1])
-def test_cli_bad_rbf_bandwidth(ckpts, tmp_path, extra):
+def test_cli_bad_rbf_bandwidth(member_files, tmp_path, extra):
     out = tmp_path / "out"
-    result = invoke(_eval_args(ckpts, "--metrics", "representation", "--cka-kernel", "rbf",
+    result = invoke(_eval_args(member_files, "--metrics", "representation", "--cka-kernel", "rbf",
                                "--out", out, *extra))
     assert_user_error(result, "--rbf-bandwidth")
     assert not out.exists()
 
 
-def test_cli_bad_kernel(ckpts, tmp_path):
-    result = invoke(_eval_args(ckpts, "--metrics", "representation", "--cka-kernel", "cosine"))
+def test_cli_bad_kernel(member_files, tmp_path):
+    result = invoke(_eval_args(member_files, "--metrics", "representation", "--cka-kernel", "cosine"))
     assert_user_error(result, "--cka-kernel")
 
 
 @pytest.mark.parametrize("layers", ["nomatch*", "layer1,nomatch*", "", ","])
-def test_cli_bad_layers(ckpts, tmp_path, few_images, layers):
+def test_cli_bad_layers(member_files, tmp_path, few_images, layers):
     out = tmp_path / "out"
-    result = invoke(_eval_args(ckpts, "--metrics", "representation", "--layers", layers,
+    result = invoke(_eval_args(member_files, "--metrics", "representation", "--layers", layers,
                                "--out", out))
     assert_user_error(result, "--layers")
     if layers.strip(","):
@@ -475,10 +470,10 @@ def test_cli_bad_layers(ckpts, tmp_path, few_images, layers):
     assert not out.exists()  # refused before --out is made
 
 
-def test_cli_json_matches_the_library(ckpts, few_images):
+def test_cli_json_matches_the_library(member_files, few_images):
     opts = ["--metrics", "representation", "--cka-kernel", "rbf", "--rbf-bandwidth", "1.5",
             "--layers", "layer*,fc", "--batch-size", "10"]
-    result = invoke(_eval_args(ckpts, "--json", *opts))
+    result = invoke(_eval_args(member_files, "--json", *opts))
     assert result.exit_code == 0, result.output
 
     def no_constants(name):
@@ -497,7 +492,7 @@ def test_cli_json_matches_the_library(ckpts, few_images):
 
     from divfast.data import load_members
 
-    lib = _report(load_members(ckpts), few_images, representation=True, cka_kernel="rbf",
+    lib = _report(load_members(member_files), few_images, representation=True, cka_kernel="rbf",
                   rbf_bandwidth=1.5, layers=["layer*", "fc"], gram_dtype=torch.float32)
     assert json.dumps(lib["representation"]) == json.dumps(block)  # the CLI's default: float32
 
@@ -513,14 +508,9 @@ def test_float32_gram_products_agree_with_float64(members, small):
         assert diff < 1e-6, (kernel, float(diff))
 
 
-def test_cli_single_member_draws_its_self_map(ckpts, tmp_path, few_images, monkeypatch):
-    drawn = []
-    real_draw = divfast.report.draw_cka_maps
-    monkeypatch.setattr(divfast.report, "draw_cka_maps",
-                        lambda block, path, pairs="cross": drawn.append(pairs)
-                        or real_draw(block, path, pairs))
+def test_cli_single_member_draws_its_self_map(member_files, tmp_path, few_images, drawn):
     out = tmp_path / "out"
-    result = invoke(_eval_args(ckpts[:1], "--metrics", "representation", "--out", out))
+    result = invoke(_eval_args(member_files[:1], "--metrics", "representation", "--out", out))
     assert result.exit_code == 0, result.output
     assert drawn == ["all"]
     assert sorted(p.name for p in out.iterdir()) == ["cka_maps.png", "report.json"]
