@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from divfast.data.members import Member
 from divfast.errors import DivfastError
+from divfast.functional.representation import rbf_from_linear_gram
 
 KERNELS = ("linear", "rbf")
 GRAM_DTYPES = (torch.float32, torch.float64)
@@ -156,21 +157,6 @@ def _check_options(kernel: str, bandwidth: float, dtype: torch.dtype) -> None:
         raise DivfastError(f"gram_dtype: expected torch.float32 or torch.float64, got {dtype}")
 
 
-def _rbf_from_gram(gram: torch.Tensor, bandwidth: float) -> torch.Tensor:
-    """``exp(-d^2 / (2 s^2))`` from a float64 linear Gram, ``s`` = bandwidth x the median
-    off-diagonal distance (the rule of gram_matrices); all ones when ``s`` = 0. No host sync."""
-    n = gram.shape[0]
-    sq = gram.diagonal()
-    d2 = (sq[:, None] + sq[None, :] - 2.0 * gram).clamp_min(0.0)  # (n, n)
-    if n < 2:
-        return torch.ones_like(d2)
-    off = d2.flatten()[1:].view(n - 1, n + 1)[:, :-1]  # the n (n - 1) off-diagonal entries
-    scale = bandwidth * off.sqrt().median()
-    positive = scale > 0
-    denom = torch.where(positive, 2.0 * scale * scale, torch.ones_like(scale))
-    return torch.where(positive, torch.exp(-d2 / denom), torch.ones_like(d2))
-
-
 def _gram(x: torch.Tensor, kernel: str, bandwidth: float, dtype: torch.dtype) -> torch.Tensor:
     """batch_gram without the argument and finiteness checks (which would sync a GPU per layer)."""
     with torch.no_grad():
@@ -183,7 +169,7 @@ def _gram(x: torch.Tensor, kernel: str, bandwidth: float, dtype: torch.dtype) ->
             block = block - block.mean(dim=0)  # a new tensor: the activation itself never changes
             gram.addmm_(block, block.T)  # in place, so autocast leaves it in `dtype`
         gram = gram.to(torch.float64)
-        return _rbf_from_gram(gram, bandwidth) if kernel == "rbf" else gram
+        return rbf_from_linear_gram(gram, bandwidth) if kernel == "rbf" else gram
 
 
 def batch_gram(x: torch.Tensor, kernel: str = "linear", bandwidth: float = 0.5,

@@ -53,16 +53,25 @@ def gram_matrices(features: Sequence[torch.Tensor], kernel: str = "linear",
         if f.shape[0] != n:
             raise DivfastError(f"features: representation {i} has {f.shape[0]} samples, the first has {n}")
         x = f.reshape(n, -1).to(torch.float64)
-        if kernel == "linear":
-            grams.append(x @ x.T)
-            continue
-        sq = (x * x).sum(dim=1)
-        d2 = (sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)).clamp_min(0.0)
-        off = d2[~torch.eye(n, dtype=torch.bool, device=x.device)]
-        median = off.sqrt().median() if off.numel() else torch.zeros((), dtype=torch.float64)
-        scale = bandwidth * median
-        grams.append(torch.exp(-d2 / (2.0 * scale * scale)) if scale > 0 else torch.ones_like(d2))
+        gram = x @ x.T
+        grams.append(rbf_from_linear_gram(gram, bandwidth) if kernel == "rbf" else gram)
     return torch.stack(grams)
+
+
+def rbf_from_linear_gram(gram: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """``exp(-d^2 / (2 s^2))`` from a float64 linear Gram ``(n, n)``: d the pairwise distances,
+    ``s`` = ``bandwidth`` x the median off-diagonal distance; all ones when ``s`` = 0 (or n < 2).
+    No host synchronisation (GramCapture calls it inside the forward pass)."""
+    n = gram.shape[0]
+    sq = gram.diagonal()
+    d2 = (sq[:, None] + sq[None, :] - 2.0 * gram).clamp_min(0.0)  # (n, n)
+    if n < 2:
+        return torch.ones_like(d2)
+    off = d2.flatten()[1:].view(n - 1, n + 1)[:, :-1]  # the n (n - 1) off-diagonal entries
+    scale = bandwidth * off.sqrt().median()
+    positive = scale > 0
+    denom = torch.where(positive, 2.0 * scale * scale, torch.ones_like(scale))
+    return torch.where(positive, torch.exp(-d2 / denom), torch.ones_like(d2))
 
 
 def hsic_matrix_from_grams(grams: torch.Tensor) -> torch.Tensor:
