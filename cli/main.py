@@ -261,13 +261,34 @@ def eval_cmd(members, dataset, data, seed, batch_size, device, as_json, out, wor
               help=f"Comma-separated timm architectures [default: {DEFAULT_DEMO_MEMBERS}].")
 @click.option("--arch", default=None, help="One architecture for every member (with --num-members).")
 @click.option("--num-members", default=3, show_default=True, type=int)
-@click.option("--loss", default="independent", show_default=True, help="Training loss.")
+@click.option("--loss", default="independent", show_default=True,
+              help="Training loss: independent, gncl, gncl-masked, balanced, attribution.")
+@click.option("--lambda", "lam", default=0.2, show_default=True, type=float,
+              help="The loss weight lambda (gncl, gncl-masked, balanced, attribution).")
+@click.option("--consensus", default="average", show_default=True,
+              type=click.Choice(["average", "median", "geometric", "vote"]),
+              help="Ensemble consensus f for gncl, gncl-masked and balanced.")
+@click.option("--attribution-normalize", default="l2", show_default=True,
+              type=click.Choice(["none", "l1", "l2", "max"]),
+              help="attribution loss: scale each Saliency map before the variance (none = paper Eq. 8).")
+@click.option("--warmup-epochs", default=0, show_default=True, type=int,
+              help="attribution loss: ramp lambda from 0 over this many epochs.")
+@click.option("--clip-grad", default=None, type=float, help="Clip the global gradient norm.")
 @click.option("--epochs", default=8, show_default=True, type=int)
-@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--batch-size", default=64, show_default=True, type=int,
+              help="Global batch (split across torchrun processes).")
 @click.option("--lr", default=1e-3, show_default=True, type=float)
+@click.option("--decay-every", default=30, show_default=True, type=int,
+              help="Multiply the learning rate by --decay-factor every this many epochs.")
+@click.option("--decay-factor", default=0.9, show_default=True, type=float)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--out", default="runs/train", show_default=True, type=click.Path())
 @click.option("--overwrite", is_flag=True, help="Replace a different run in --out.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--keep-checkpoints", default=2, show_default=True, type=int,
+              help="Epoch checkpoints to keep (0: all).")
+@click.option("--amp/--no-amp", default=True, show_default=True,
+              help="bfloat16 autocast on CUDA (ignored on CPU).")
 @click.option("--data", type=click.Path(), default=None,
               help="ImageFolder root to train on; default: the embedded digits train split.")
 @click.option("--val-data", type=click.Path(), default=None,
@@ -278,11 +299,15 @@ def eval_cmd(members, dataset, data, seed, batch_size, device, as_json, out, wor
 @click.option("--device", default="auto", show_default=True)
 @click.option("--progress/--no-progress", default=True)
 @_user_errors
-def train(members, arch, num_members, loss, epochs, batch_size, lr, seed, out, overwrite, data,
-          val_data, image_size, workers, device, progress):
-    """Train an ensemble (default: on the embedded digits) and write member checkpoints."""
+def train(members, arch, num_members, loss, lam, consensus, attribution_normalize, warmup_epochs,
+          clip_grad, epochs, batch_size, lr, decay_every, decay_factor, seed, out, overwrite, resume,
+          keep_checkpoints, amp, data, val_data, image_size, workers, device, progress):
+    """Train an ensemble (default: on the embedded digits) and write member checkpoints.
+
+    Multi-GPU / multi-process: torchrun --nproc_per_node 2 -m divfast.cli train ...
+    """
     from divfast.data import build_train_datasets
-    from divfast.training import TrainConfig, train_ensemble
+    from divfast.training import TrainConfig, loss_options, train_ensemble
 
     if members and arch:
         raise DivfastError("--members and --arch are exclusive: give a list, or one architecture")
@@ -294,14 +319,22 @@ def train(members, arch, num_members, loss, epochs, batch_size, lr, seed, out, o
         archs = _split(members or DEFAULT_DEMO_MEMBERS)
     if workers < 0:
         raise DivfastError(f"--workers: expected >= 0, got {workers}")
+    if resume and overwrite:
+        raise DivfastError("--resume and --overwrite are exclusive")
+    options = loss_options(loss, lam=lam, consensus=consensus, normalize=attribution_normalize,
+                           warmup_epochs=warmup_epochs)
     train_set, val_set = build_train_datasets(data, val_data, image_size)
     cfg = TrainConfig(architectures=archs, loss=loss, epochs=epochs, batch_size=batch_size, lr=lr,
-                      seed=seed, dataset=os.path.abspath(data) if data else "digits")
+                      decay_every=decay_every, decay_factor=decay_factor, seed=seed,
+                      dataset=os.path.abspath(data) if data else "digits", loss_options=options,
+                      clip_grad=clip_grad, amp=amp)
     paths = train_ensemble(cfg, out, device=_device(device), overwrite=overwrite, progress=progress,
                            train_set=train_set, test_set=val_set,
-                           num_classes=len(train_set.classes), num_workers=workers)
-    for p in paths:
-        click.echo(p)
+                           num_classes=len(train_set.classes), num_workers=workers, resume=resume,
+                           keep_checkpoints=keep_checkpoints)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for p in paths:
+            click.echo(p)
 
 
 @cli.command()

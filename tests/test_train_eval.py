@@ -77,7 +77,11 @@ def test_training_writes_checkpoints_run_and_log(trained):
     out, paths = trained
     names = ["member0-resnet10t.safetensors", "member1-resnet10t.safetensors"]
     assert paths == [os.path.join(out, n) for n in names]
-    assert sorted(os.listdir(out)) == sorted(names + ["log.jsonl", "run.json"])  # no temp files
+    assert sorted(os.listdir(out)) == sorted(names + ["checkpoints", "log.jsonl", "run.json"])
+    # no temp files; the epoch checkpoint holds the members and the optimiser state
+    assert os.listdir(os.path.join(out, "checkpoints")) == ["epoch-0001"]
+    assert sorted(os.listdir(os.path.join(out, "checkpoints", "epoch-0001"))) == sorted(
+        names + ["state.pt"])
 
     with open(os.path.join(out, "run.json"), encoding="utf-8") as f:
         run = json.load(f)

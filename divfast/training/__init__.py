@@ -1,6 +1,7 @@
 """Ensemble training: the loss registry and the trainer."""
 
-from divfast.training.losses import build_loss, list_losses
-from divfast.training.trainer import TrainConfig, train_ensemble
+from divfast.training.losses import build_loss, list_losses, loss_options
+from divfast.training.trainer import TrainConfig, TrainingDiverged, train_ensemble
 
-__all__ = ["TrainConfig", "build_loss", "list_losses", "train_ensemble"]
+__all__ = ["TrainConfig", "TrainingDiverged", "build_loss", "list_losses", "loss_options",
+           "train_ensemble"]
