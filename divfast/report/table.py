@@ -182,3 +182,28 @@ def render_accuracy_by_dataset(reports: list[dict], file=None) -> None:
         header = table.columns[-1].header
         console.print(f"{header}: attribution diversity, "
                       f"{attribution_row({'attribution': blocks[0]})[2]}, ↑ more diverse")
+
+
+def render_comparison(result: dict, file=None) -> None:
+    """One row per dataset, one column per ensemble (and rule): top-1 accuracy % and the gain over
+    the ensemble's best member (:func:`divfast.ensembles.compare_ensembles`)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=file or sys.stdout, width=110)
+    rows = result["rows"]
+    columns = list(dict.fromkeys((r["ensemble"], r["rule"]) for r in rows))
+    single_rule = len(result["rules"]) == 1
+    table = Table(title="ensemble top-1 % (gain over its best member)",
+                  title_justify="left")
+    table.add_column("dataset")
+    for name, rule in columns:
+        table.add_column(name if single_rule else f"{name} ({rule})", justify="right")
+    by_key = {(r["ensemble"], r["rule"], r["dataset"]): r for r in rows}
+    for spec in dict.fromkeys(r["dataset"] for r in rows):
+        cells = []
+        for name, rule in columns:
+            r = by_key[(name, rule, spec)]
+            cells.append(f"{100 * r['accuracy']:.2f} ({100 * r['gain']:+.2f})")
+        table.add_row(spec, *cells)
+    console.print(table)

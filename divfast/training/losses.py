@@ -13,8 +13,8 @@ The losses (paper section 2.1 and Eq. 8; M members h_i, consensus f, cross-entro
   ``d_i = h_i - f`` and D the Hessian of the softmax cross-entropy w.r.t. the logits at f,
   ``D = diag(p) - p p^T`` with ``p = softmax(f)``. The quadratic form is evaluated in O(C) as
   ``sum_c p_c d_c^2 - (p^T d)^2``; the B x C x C Hessian is never formed.
-* ``gncl-masked``: as ``gncl`` with ``consensus=average``, but member i's penalty term is switched off
-  on the samples it misclassifies (paper section 4.3 f).
+* ``gncl-masked``: as ``gncl`` (the paper uses the average consensus; any rule is accepted), but
+  member i's penalty term is switched off on the samples it misclassifies (paper section 4.3 f).
 * ``balanced`` (Eq. 3): ``lambda l(f, y) + (1 - lambda)/M sum_i l(h_i, y)``.
 * ``attribution`` (Eq. 8): ``1/M sum_i l(h_i, y) - lambda A`` where A is the batch mean of paper
   Eq. 7 — the variance across members of their Saliency maps, summed over pixels — computed with
