@@ -34,4 +34,7 @@ for batch in 64 256; do
   timeout 120 python -m benchmarks.bench_corruptions --device cuda --batch $batch \
     --json "$OUT/bench_corruptions_cuda_b$batch.json" 2>&1 | tee "$OUT/bench_corruptions_cuda_b$batch.txt"
 done
+# Training: one step per loss, 3 x resnet50 at 224 px, batch 64 (bf16 autocast off: fp32 as the CPU run)
+timeout 150 python -m benchmarks.bench_training --device cuda --arch resnet50 --image-size 224 \
+  --repeats 3 --json "$OUT/bench_training_cuda.json" 2>&1 | tee "$OUT/bench_training_cuda.txt"
 echo "gpu_check done"
