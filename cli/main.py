@@ -354,8 +354,8 @@ def demo(out, epochs, device):
 
     archs = _split(DEFAULT_DEMO_MEMBERS)
     click.echo(f"divfast demo: training a pool of {2 * len(archs)} members (two each of "
-               f"{DEFAULT_DEMO_MEMBERS}) on the embedded digits ({epochs} epochs, CPU: 2-3 minutes)",
-               err=True)
+               f"{DEFAULT_DEMO_MEMBERS}) on the embedded digits ({epochs} epochs; the whole demo "
+               "takes about 4 minutes on 2 CPU cores)", err=True)
     cfg = TrainConfig(architectures=archs * 2, epochs=epochs)
     paths = train_ensemble(cfg, out, device=_device(device), overwrite=True)
     ensemble = paths[:len(archs)]  # one of each architecture: the ensemble looked at closely

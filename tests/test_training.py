@@ -120,7 +120,7 @@ def test_resume_after_an_interruption_reproduces_the_run_exactly(uninterrupted, 
         train_ensemble(_cfg(), out, epoch_callback=interrupt, **kw)
     assert completed_epochs(out) == [1]
     with open(os.path.join(out, "run.json"), encoding="utf-8") as f:
-        assert json.load(f)["status"] == "running"
+        assert json.load(f)["status"] == "interrupted"
     with pytest.raises(DivfastError, match="--resume"):  # the same command again must not restart
         train_ensemble(_cfg(), out, **kw)
 
@@ -311,3 +311,77 @@ def test_torchrun_two_gloo_processes(tmp_path):
     assert run["status"] == "done" and run["world_size"] == 2
     (record,) = _log(out)
     assert record["ensemble_accuracy"] > 0.2
+
+
+# --- smaller pieces -------------------------------------------------------------------------------
+
+
+def test_training_step_under_bfloat16_autocast():
+    """The mixed-precision path (CUDA in training; CPU autocast runs the same code here)."""
+    import timm.optim
+
+    from divfast.data.members import create_member
+    from divfast.training import build_loss
+    from divfast.training.trainer import Ensemble, training_step
+
+    torch.manual_seed(0)
+    model = Ensemble([create_member("resnet10t", 10) for _ in range(2)])
+    opt = timm.optim.AdaBelief(model.parameters(), lr=1e-3)
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    before = [p.detach().clone() for p in model.parameters()]
+    for loss in ("balanced", "attribution"):
+        value, terms, norm = training_step(model, build_loss(loss), opt, x, y, clip_grad=5.0,
+                                           amp=True)
+        assert value == value and norm is not None and norm > 0  # finite, clipped
+        assert len(terms["member_ce"]) == 2
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_resume_may_add_clipping_and_survives_a_torn_log_line(uninterrupted, small_sets, tmp_path):
+    import shutil
+
+    out = str(tmp_path / "run")
+    shutil.copytree(uninterrupted, out)
+    with open(os.path.join(out, "log.jsonl"), "a", encoding="utf-8") as f:
+        f.write('{"epoch": 3, "loss": 0.')  # a record cut short by a kill
+    train_ensemble(_cfg(epochs=3, clip_grad=2.0), out, resume=True, progress=False,
+                   train_set=small_sets[0], test_set=small_sets[1])
+    records = _log(out)
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert "grad_norm" in records[2]["terms"] and "grad_norm" not in records[1]["terms"]
+
+
+@pytest.mark.ddp
+def test_torchrun_nan_on_one_process_stops_every_process(tmp_path):
+    """Rank 1 alone sees NaN images: both processes must stop with the divergence message (a rank
+    that raised alone would leave the other waiting in the gradient all-reduce)."""
+    out = str(tmp_path / "run")
+    script = tmp_path / "poisoned.py"
+    script.write_text(f"""
+import os, torch
+from torch.utils.data import Dataset, Subset
+from divfast.data.digits import digits_dataset
+from divfast.training import TrainConfig, train_ensemble
+
+class Poisoned(Dataset):
+    def __init__(self, base):
+        self.base = base
+    def __len__(self):
+        return len(self.base)
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        return (x * float("nan") if os.environ["RANK"] == "1" else x), y
+
+base = Subset(digits_dataset("train"), range(128))
+cfg = TrainConfig(["resnet10t"], epochs=1, batch_size=32)
+train_ensemble(cfg, {out!r}, progress=False, train_set=Poisoned(base),
+               test_set=Subset(digits_dataset("test"), range(64)))
+""")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.count("training diverged at epoch 1, step 1") == 2, result.stderr[-3000:]
+    with open(os.path.join(out, "run.json"), encoding="utf-8") as f:
+        assert json.load(f)["status"] == "diverged"

@@ -47,7 +47,7 @@ from divfast.training.losses import EnsembleLoss, build_loss
 
 
 class TrainingDiverged(DivfastError):
-    """A run stopped because its loss, gradients or accuracy ran away; the last good epoch is kept."""
+    """A run stopped: its loss, gradients or accuracy ran away; the last good epoch is kept."""
 
 
 @dataclass
@@ -68,10 +68,16 @@ class TrainConfig:
     amp: bool = False  # bfloat16 autocast (CUDA only)
 
     def identity(self) -> dict:
-        """What must match for ``resume``: everything but the epoch count (a run may be extended)."""
+        """What must match for ``resume``: everything but the epoch count (a finished run may be
+        extended) and ``clip_grad`` (a run that diverged may go on from its last good epoch with
+        clipping)."""
         out = json.loads(json.dumps(asdict(self)))
-        out.pop("epochs")
+        for key in RESUMABLE_CHANGES:
+            out.pop(key)
         return out
+
+
+RESUMABLE_CHANGES = ("epochs", "clip_grad")
 
 
 class Ensemble(nn.Module):
@@ -94,7 +100,8 @@ def _channel_stats(dataset: Dataset, max_images: int = 2048,
                    seed: int = 0) -> tuple[list[float], list[float]]:
     """Per-channel mean and std over (a seeded sample of at most ``max_images`` of) the images."""
     n = len(dataset)
-    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_images].sort().values
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    idx = order[:max_images].sort().values
     x = torch.stack([dataset[int(i)][0] for i in idx])  # (n, 3, H, W)
     return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
 
@@ -160,13 +167,13 @@ def _prepare_out_dir(out_dir: str, cfg: TrainConfig, overwrite: bool, resume: bo
             raise DivfastError(f"--resume: {out_dir!r} holds no checkpoint to resume from "
                                "(no checkpoints/epoch-NNNN with a state.pt)")
         prev_cfg = previous.get("config") or {}
-        prev_cfg = {k: v for k, v in prev_cfg.items() if k != "epochs"}
+        prev_cfg = {k: v for k, v in prev_cfg.items() if k not in RESUMABLE_CHANGES}
         if prev_cfg != cfg.identity():
             diff = sorted(k for k in set(prev_cfg) | set(cfg.identity())
                           if prev_cfg.get(k) != cfg.identity().get(k))
             raise DivfastError(f"--resume: the run in {out_dir!r} was started with different "
                                f"settings ({', '.join(diff)}); pass the same options (only "
-                               "--epochs may change)")
+                               "--epochs and --clip-grad may change)")
         return completed_epochs(out_dir)[-1]
     if previous is not None and not overwrite:
         same = previous.get("config") == json.loads(json.dumps(asdict(cfg)))
@@ -200,7 +207,8 @@ def _save_checkpoint(out_dir: str, epoch: int, members: list[Member], optimizer,
     os.makedirs(tmp)
     for i, m in enumerate(members):
         save_member(m, os.path.join(tmp, _member_file(m, i)))
-    state = {"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    state = {"epoch": epoch, "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict()}
     with atomic_path(os.path.join(tmp, "state.pt")) as path:
         torch.save(state, path)
     shutil.rmtree(final, ignore_errors=True)  # a stale copy from an earlier, overwritten run
@@ -253,10 +261,20 @@ def _truncate_log(path: str, last_epoch: int) -> None:
     if not os.path.exists(path):
         write_text_atomic(path, "")
         return
-    with open(path, encoding="utf-8") as f:
-        lines = [ln for ln in f if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) <= last_epoch]
+    kept = [json.dumps(r) + "\n" for r in _read_log(path) if r.get("epoch", 0) <= last_epoch]
     write_text_atomic(path, "".join(kept))
+
+
+def _read_log(path: str) -> list[dict]:
+    """The records of ``log.jsonl``; a line cut short by a killed run is skipped."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
 
 
 # --- distributed ----------------------------------------------------------------------------------
@@ -316,6 +334,15 @@ def training_step(model: nn.Module, loss_fn: EnsembleLoss, optimizer: torch.opti
         logits = model(x)  # (M, B, C)
         loss, terms = loss_fn(logits.float() if amp else logits, y, inputs=x)
     value = float(loss.detach())
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # every process must stop together: one that raised alone would leave the others waiting
+        # in the gradient all-reduce; the sum also gives the mean loss over the processes
+        total = torch.tensor([value], dtype=torch.float64, device=x.device)
+        torch.distributed.all_reduce(total)
+        if math.isfinite(value) and not math.isfinite(float(total)):
+            raise TrainingDiverged(f"another process's loss is {float(total)} (this process's: "
+                                   f"{value:.4g})")
+        value = float(total) / torch.distributed.get_world_size()
     if not math.isfinite(value):
         raise TrainingDiverged(f"the loss is {value} ({_format_terms(terms)})")
     optimizer.zero_grad(set_to_none=True)
@@ -370,6 +397,22 @@ def _collapsed(history: list[float], accuracy: float, num_classes: int, n_val: i
     return accuracy <= band and any(a > band for a in history)
 
 
+def _epoch_loader(train_set: Dataset, cfg: TrainConfig, epoch: int, rank: int, world: int,
+                  num_workers: int) -> DataLoader:
+    """This process's batches of ``epoch``, in an order fixed by ``(cfg.seed, epoch)`` alone."""
+    if world > 1:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
+                                     seed=cfg.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        return DataLoader(train_set, batch_size=cfg.batch_size // world, sampler=sampler,
+                          drop_last=True, num_workers=num_workers)
+    gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch, 0))
+    return DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=gen,
+                      drop_last=len(train_set) >= 2 * cfg.batch_size, num_workers=num_workers)
+
+
 # --- the trainer ----------------------------------------------------------------------------------
 
 def train_ensemble(cfg: TrainConfig, out_dir: str, device: str | torch.device = "cpu",
@@ -401,13 +444,16 @@ def train_ensemble(cfg: TrainConfig, out_dir: str, device: str | torch.device = 
     import timm.optim
     from tqdm import tqdm
 
+    from divfast.ensembles.evaluate import evaluate
+
     device = torch.device(device)
     rank, world, device = _init_distributed(device)
     train_set = train_set if train_set is not None else digits_dataset("train")
     test_set = test_set if test_set is not None else digits_dataset("test")
     _check_config(cfg, len(train_set), world)
     if keep_checkpoints < 0:
-        raise DivfastError(f"--keep-checkpoints: expected >= 0 (0 keeps all), got {keep_checkpoints}")
+        raise DivfastError(f"--keep-checkpoints: expected >= 0 (0 keeps all), "
+                           f"got {keep_checkpoints}")
     loss_fn = build_loss(cfg.loss, **cfg.loss_options)
     amp = cfg.amp and device.type == "cuda"
     start = 0
@@ -416,7 +462,7 @@ def train_ensemble(cfg: TrainConfig, out_dir: str, device: str | torch.device = 
     start = _broadcast(start, world)
 
     torch.manual_seed(cfg.seed)
-    mean, std = _channel_stats(train_set)
+    mean, std = _broadcast(_channel_stats(train_set) if rank == 0 else None, world)  # one rule
     input_size = tuple(train_set[0][0].shape)
     members = []
     for i, arch in enumerate(cfg.architectures):
@@ -441,95 +487,89 @@ def train_ensemble(cfg: TrainConfig, out_dir: str, device: str | torch.device = 
     history: list[float] = []
     if rank == 0:
         _truncate_log(log_path, start)
-        with open(log_path, encoding="utf-8") as f:
-            history = [json.loads(ln)["ensemble_accuracy"] for ln in f if ln.strip()]
+        history = [r["ensemble_accuracy"] for r in _read_log(log_path)]
         write_json_atomic(os.path.join(out_dir, "run.json"),
                           {"config": asdict(cfg), "status": "running", "epoch": start,
                            "world_size": world, "loss_options": loss_fn.options()})
-    per_process = cfg.batch_size // world
-    drop_last = len(train_set) >= 2 * cfg.batch_size
     record: dict = {}
     member_acc: list[float] = []
     ens_acc = float("nan")
 
-    for epoch in range(start, cfg.epochs):
-        torch.manual_seed(_epoch_seed(cfg.seed, epoch, 1 + rank))  # dropout, drop-path
-        loss_fn.set_epoch(epoch)
-        if world > 1:
-            from torch.utils.data.distributed import DistributedSampler
+    def status(state: str, epoch: int, **extra) -> None:
+        write_json_atomic(os.path.join(out_dir, "run.json"),
+                          {"config": asdict(cfg), "status": state, "epoch": epoch,
+                           "world_size": world, "loss_options": loss_fn.options(), **extra})
 
-            sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
-                                         seed=cfg.seed, drop_last=True)
-            sampler.set_epoch(epoch)
-            loader = DataLoader(train_set, batch_size=per_process, sampler=sampler, drop_last=True,
-                                num_workers=num_workers)
-        else:
-            gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch, 0))
-            loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=gen,
-                                drop_last=drop_last, num_workers=num_workers)
-        ensemble.train()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr,
-                   disable=None if (progress and rank == 0) else True, leave=False,
-                   dynamic_ncols=True)
-        means, t0 = _Mean(), time.time()
-        total, steps = 0.0, 0
-        try:
-            for x, y in bar:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                value, terms, norm = training_step(model, loss_fn, opt, x, y, cfg.clip_grad, amp)
-                if norm is not None:
-                    terms = dict(terms, grad_norm=norm)
-                means.add(terms)
-                total += value
-                steps += 1
-                bar.set_postfix(loss=f"{total / steps:.3f}")
-        except TrainingDiverged as exc:
-            _stop(out_dir, cfg, rank, members, start_epoch=epoch, reason=str(exc), world=world)
-            raise TrainingDiverged(_diverged_message(out_dir, epoch + 1, steps + 1, str(exc))) from None
-        sched.step()
+    try:
+        for epoch in range(start, cfg.epochs):
+            torch.manual_seed(_epoch_seed(cfg.seed, epoch, 1 + rank))  # dropout, drop-path
+            loss_fn.set_epoch(epoch)
+            loader = _epoch_loader(train_set, cfg, epoch, rank, world, num_workers)
+            ensemble.train()
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr,
+                       disable=None if (progress and rank == 0) else True, leave=False,
+                       dynamic_ncols=True)
+            means, t0 = _Mean(), time.time()
+            try:
+                for x, y in bar:
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    value, terms, norm = training_step(model, loss_fn, opt, x, y, cfg.clip_grad,
+                                                       amp)
+                    means.add(dict(terms, loss=value) if norm is None
+                              else dict(terms, loss=value, grad_norm=norm))
+                    bar.set_postfix(loss=f"{means.sums['loss'] / means.count:.3f}")
+            except TrainingDiverged as exc:
+                _stop(out_dir, cfg, rank, members, reason=str(exc), world=world)
+                raise TrainingDiverged(_diverged_message(out_dir, epoch + 1, means.count + 1,
+                                                         str(exc))) from None
+            sched.step()
 
-        stop_reason = None
+            stop_reason = None
+            if rank == 0:
+                ensemble.eval()
+                report = evaluate(list(members), test_set, "validation", batch_size=256,
+                                  device=device, progress=False, num_workers=num_workers,
+                                  attribution="none")
+                member_acc = [row["top1"] for row in report["members"]]
+                ens_acc = report["ensemble"]["top1"]
+                terms = means.means()
+                record = {"epoch": epoch + 1, "loss": terms.pop("loss", float("nan")),
+                          "terms": terms, "member_accuracy": member_acc,
+                          "ensemble_accuracy": ens_acc, "diversity": json_safe(report["diversity"]),
+                          "lr": sched.get_last_lr()[0], "seconds": time.time() - t0}
+                if _collapsed(history, ens_acc, num_classes, len(test_set)):
+                    stop_reason = (f"the ensemble's validation accuracy collapsed to "
+                                   f"{ens_acc:.3f} (chance {1 / num_classes:.3f}) after reaching "
+                                   f"{max(history):.3f}")
+                else:
+                    history.append(ens_acc)
+                    # the record first: a run killed before its checkpoint lands resumes from the
+                    # epoch before, and the resume drops the record of the epoch it redoes
+                    with open(log_path, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(json_safe(record)) + "\n")
+                    _save_checkpoint(out_dir, epoch + 1, members, opt, sched, keep_checkpoints)
+                    status("running", epoch + 1)
+                    if progress:
+                        accs = " ".join(f"{a:.3f}" for a in member_acc)
+                        print(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['loss']:.3f}  "
+                              f"members {accs}  ensemble {ens_acc:.3f}", file=sys.stderr)
+            stop_reason = _broadcast(stop_reason, world)
+            if stop_reason is not None:
+                _stop(out_dir, cfg, rank, members, reason=stop_reason, world=world)
+                raise TrainingDiverged(_diverged_message(out_dir, epoch + 1, None, stop_reason))
+            if rank == 0 and epoch_callback is not None:
+                epoch_callback(epoch + 1, record)
+    except KeyboardInterrupt:  # Ctrl-C (or a callback): the completed epochs stay resumable
         if rank == 0:
-            ensemble.eval()
-            from divfast.ensembles.evaluate import evaluate
-
-            report = evaluate(list(members), test_set, "validation", batch_size=256, device=device,
-                              progress=False, num_workers=num_workers, attribution="none")
-            member_acc = [row["top1"] for row in report["members"]]
-            ens_acc = report["ensemble"]["top1"]
-            record = {"epoch": epoch + 1, "loss": total / max(steps, 1), "terms": means.means(),
-                      "member_accuracy": member_acc, "ensemble_accuracy": ens_acc,
-                      "diversity": json_safe(report["diversity"]), "lr": sched.get_last_lr()[0],
-                      "seconds": time.time() - t0}
-            if _collapsed(history, ens_acc, num_classes, len(test_set)):
-                stop_reason = (f"the ensemble's validation accuracy collapsed to {ens_acc:.3f} "
-                               f"(chance {1 / num_classes:.3f}) after reaching {max(history):.3f}")
-            else:
-                history.append(ens_acc)
-                _save_checkpoint(out_dir, epoch + 1, members, opt, sched, keep_checkpoints)
-                with open(log_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(json_safe(record)) + "\n")
-                write_json_atomic(os.path.join(out_dir, "run.json"),
-                                  {"config": asdict(cfg), "status": "running", "epoch": epoch + 1,
-                                   "world_size": world, "loss_options": loss_fn.options()})
-                if progress:
-                    accs = " ".join(f"{a:.3f}" for a in member_acc)
-                    print(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['loss']:.3f}  members "
-                          f"{accs}  ensemble {ens_acc:.3f}", file=sys.stderr)
-        stop_reason = _broadcast(stop_reason, world)
-        if stop_reason is not None:
-            _stop(out_dir, cfg, rank, members, start_epoch=epoch, reason=stop_reason, world=world)
-            raise TrainingDiverged(_diverged_message(out_dir, epoch + 1, None, stop_reason))
-        if rank == 0 and epoch_callback is not None:
-            epoch_callback(epoch + 1, record)
+            status("interrupted", (completed_epochs(out_dir) or [0])[-1])
+        raise
 
     paths = [os.path.join(out_dir, _member_file(m, i)) for i, m in enumerate(members)]
     if rank == 0:
         if not record:  # resumed a finished run: report the last checkpoint's numbers
             last = completed_epochs(out_dir)[-1]
             paths = _publish_checkpoint(out_dir, last, members)
-            with open(log_path, encoding="utf-8") as f:
-                lines = [json.loads(ln) for ln in f if ln.strip()]
+            lines = _read_log(log_path)
             member_acc = lines[-1]["member_accuracy"] if lines else []
             ens_acc = lines[-1]["ensemble_accuracy"] if lines else float("nan")
         else:
@@ -551,8 +591,8 @@ def train_ensemble(cfg: TrainConfig, out_dir: str, device: str | torch.device = 
     return paths
 
 
-def _stop(out_dir: str, cfg: TrainConfig, rank: int, members: list[Member], start_epoch: int,
-          reason: str, world: int) -> None:
+def _stop(out_dir: str, cfg: TrainConfig, rank: int, members: list[Member], reason: str,
+          world: int) -> None:
     """Rank 0 publishes the last good checkpoint (if any) and marks the run diverged."""
     if rank != 0:
         return
