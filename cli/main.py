@@ -671,7 +671,7 @@ def _render_sweep(result: dict) -> None:
 @click.option("--attribution", default="none", show_default=True,
               type=click.Choice(SWEEP_ATTRIBUTION),
               help="Attribution diversity of every ensemble from Saliency maps (one backward "
-                   "pass per member and dataset, not cached), or none.")
+                   "pass per member and dataset; the pool's Gram is cached), or none.")
 @click.option("--num-samples", default=None, type=int,
               help="Only the first N images of each dataset [default: all].")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json instead of tables.")

@@ -563,3 +563,66 @@ def test_pool_logits_refuses_members_of_different_class_counts(pool, data, desc,
     save_member(create_member("resnet10t", 5, (3, 32, 32)), other)
     with pytest.raises(DivfastError, match=r"member_paths \(--members\).*different numbers of classes"):
         pool_logits([pool[0], other], data, desc)
+
+
+# --- pool Gram entries (the sweep's attribution diversity) -----------------------------------------
+
+SETTINGS = {"method": "saliency", "target": "label", "abs": True, "normalize": "none", "ddof": 0}
+
+
+def _gram(k=2):
+    g = torch.randn(k, 4, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+    return g @ g.T
+
+
+def test_gram_round_trip_and_canonical_order(pool, member, desc, cache):
+    paths = [pool[1], member]
+    gram = _gram()
+    assert cache.get_gram(paths, desc, SETTINGS) is None
+    cache.put_gram(paths, desc, SETTINGS, gram, 40)
+    got, n = cache.get_gram(paths, desc, SETTINGS)
+    assert torch.equal(got, gram) and n == 40
+    swapped, _ = cache.get_gram(paths[::-1], desc, SETTINGS)  # the same pool, reordered: a hit
+    assert torch.equal(swapped, gram.flip(0).flip(1))
+
+
+@pytest.mark.parametrize("change", ["settings", "dataset", "member bytes", "pool"])
+def test_gram_misses(pool, member, desc, cache, change):
+    paths = [pool[1], member]
+    cache.put_gram(paths, desc, SETTINGS, _gram(), 40)
+    if change == "settings":
+        assert cache.get_gram(paths, desc, dict(SETTINGS, normalize="l2")) is None
+    elif change == "dataset":
+        assert cache.get_gram(paths, dataset_description("lines1.6", N), SETTINGS) is None
+    elif change == "member bytes":
+        torch.manual_seed(7)
+        save_member(create_member("resnet10t", 10, (3, 32, 32)), member)
+        assert cache.get_gram(paths, desc, SETTINGS) is None
+    else:
+        assert cache.get_gram([pool[1]], desc, SETTINGS) is None
+
+
+def test_a_corrupt_gram_entry_is_a_miss(pool, member, desc, cache):
+    paths = [pool[1], member]
+    path = cache.put_gram(paths, desc, SETTINGS, _gram(), 40)
+    with open(path, "r+b") as f:
+        f.seek(-8, os.SEEK_END)
+        f.write(b"\x00" * 8)  # the tensor bytes no longer match their checksum
+    assert cache.get_gram(paths, desc, SETTINGS) is None
+    with open(path, "wb") as f:
+        f.write(b"not safetensors")
+    assert cache.get_gram(paths, desc, SETTINGS) is None
+
+
+def test_bad_gram_input_is_refused(pool, member, desc, cache):
+    paths = [pool[1], member]
+    with pytest.raises(DivfastError, match="gram: expected a finite float64"):
+        cache.put_gram(paths, desc, SETTINGS, _gram().float(), 40)
+    with pytest.raises(DivfastError, match=r"gram: .*\(2, 2\)"):
+        cache.put_gram(paths, desc, SETTINGS, _gram(3), 40)
+    with pytest.raises(DivfastError, match="gram: expected a finite"):
+        cache.put_gram(paths, desc, SETTINGS, _gram() * float("nan"), 40)
+    with pytest.raises(DivfastError, match="n_samples"):
+        cache.put_gram(paths, desc, SETTINGS, _gram(), -1)
+    with pytest.raises(DivfastError, match="appear twice"):
+        cache.put_gram([member, member], desc, SETTINGS, _gram(), 40)

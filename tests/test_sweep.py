@@ -266,3 +266,19 @@ def test_cli_sweep_bad_pool(tmp_path):
     (tmp_path / "empty").mkdir()
     assert_user_error(invoke(CliRunner(), ["sweep", "--pool", tmp_path / "empty",
                                            "--out", tmp_path / "out"]), "--pool")
+
+
+def test_a_rerun_with_the_cache_does_no_saliency_pass(pool_paths, tmp_path, passes):
+    kw = dict(k=3, rules=["average"], attribution="saliency", num_samples=16, batch_size=8,
+              cache_dir=str(tmp_path / "cache"))
+    first = run_sweep(pool_paths, ["clean"], **kw)
+    assert passes["loads"] == POOL
+    again = run_sweep(pool_paths, ["clean"], **kw)
+    assert passes["loads"] == POOL  # logits and the pool's Saliency Gram both came from the cache
+    assert again["rows"] == first["rows"]
+    reordered = run_sweep(pool_paths[::-1], ["clean"], **kw)
+    assert passes["loads"] == POOL
+    by_members = {frozenset(r["members"]): r["attribution_diversity"] for r in first["rows"]}
+    for row in reordered["rows"]:
+        assert row["attribution_diversity"] == pytest.approx(by_members[frozenset(row["members"])],
+                                                             rel=1e-12)

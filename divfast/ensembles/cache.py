@@ -13,6 +13,13 @@ is a miss, the same bytes under another path (or only touched) a hit. Layout::
          "dataset", "dtype", "member_file", "architecture", "num_classes", "content_sha256",
          "created"}
 
+The sweep's attribution diversity needs the pool's Saliency Gram ``(K, K)``, a statistic of the
+members' maps taken together: it is cached per pool, keyed by the members' hashes (in a canonical
+order, so a reordered pool is a hit), the dataset description and the attribution settings::
+
+    root/grams/<key_sha256[:16]>.safetensors
+        gram (K, K) float64, n_samples () int64, JSON {"format": "divfast-gram", ...}
+
 Writes are atomic (a crashed run leaves no readable partial entry). Reads use safetensors only
 (never pickle) and check everything: the full hashes, the dataset description, the format, the
 shapes and a SHA-256 of the tensor bytes. A file failing any check is a miss, and the next
@@ -46,6 +53,7 @@ from divfast.io import atomic_path
 
 FORMAT = "divfast-logits"
 FORMAT_VERSION = 1
+GRAM_FORMAT = "divfast-gram"
 DTYPES = {torch.float32: "float32", torch.float16: "float16"}
 _FIELDS = ("spec", "data", "split", "image_size", "seed", "num_samples")
 _DIGESTS: dict[tuple, str] = {}  # stat signature of a file -> its SHA-256, for this process
@@ -281,6 +289,103 @@ class LogitsCache:
             raise DivfastError(f"root (logits cache): cannot write {path!r} "
                                f"({exc.strerror or exc})") from exc
         return path
+
+
+    def _gram_key(self, member_paths: Sequence[str | os.PathLike], dataset_desc: dict,
+                  attribution: dict) -> tuple[str, list[int], list[str], dict]:
+        """(key, canonical order, member hashes in that order, description)."""
+        desc = _check_description(dataset_desc)
+        if not isinstance(attribution, dict):
+            raise DivfastError(f"attribution: expected a dict of settings, got "
+                               f"{type(attribution).__name__}")
+        shas = [self.member_hash(p) for p in member_paths]
+        if len(set(shas)) != len(shas):
+            raise DivfastError("member_paths: the same checkpoint bytes appear twice in the pool")
+        order = sorted(range(len(shas)), key=lambda i: shas[i])
+        canonical = [shas[i] for i in order]
+        doc = {"members": canonical, "dataset": desc, "attribution": attribution}
+        key = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+        return key, order, canonical, desc
+
+    def get_gram(self, member_paths: Sequence[str | os.PathLike], dataset_desc: dict,
+                 attribution: dict) -> tuple[torch.Tensor, int] | None:
+        """The cached pool Gram ``(K, K)`` float64 (rows and columns in ``member_paths``'s order)
+        and its sample count, or None on a miss (a file failing any check is a miss).
+
+        ``attribution`` describes how the maps were made (method, target, abs, normalize, ...);
+        any difference is a miss.
+        """
+        key, order, canonical, desc = self._gram_key(member_paths, dataset_desc, attribution)
+        path = os.path.join(self.root, "grams", f"{key[:16]}.safetensors")
+        entry = _read_gram(path, key, canonical, desc, attribution)
+        if entry is None:
+            return None
+        gram, n = entry
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        return gram[inverse][:, inverse].contiguous(), n
+
+    def put_gram(self, member_paths: Sequence[str | os.PathLike], dataset_desc: dict,
+                 attribution: dict, gram: torch.Tensor, n_samples: int) -> str:
+        """Stores the pool Gram (``member_paths``'s order) atomically; returns the entry's path.
+
+        Raises:
+            DivfastError: a Gram that is not a finite float64 (K, K) tensor for K members, a bad
+                sample count, or a failed write.
+        """
+        from safetensors.torch import save_file
+
+        k = len(member_paths)
+        if (not isinstance(gram, torch.Tensor) or gram.dtype != torch.float64
+                or tuple(gram.shape) != (k, k) or not bool(torch.isfinite(gram).all())):
+            raise DivfastError(f"gram: expected a finite float64 tensor of shape ({k}, {k}), got "
+                               f"{getattr(gram, 'dtype', type(gram).__name__)} "
+                               f"{tuple(getattr(gram, 'shape', ()))}")
+        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 0:
+            raise DivfastError(f"n_samples: expected an int >= 0, got {n_samples!r}")
+        key, order, canonical, desc = self._gram_key(member_paths, dataset_desc, attribution)
+        perm = torch.tensor(order)
+        gram = gram.detach().cpu()[perm][:, perm].contiguous()
+        count = torch.tensor(n_samples, dtype=torch.int64)
+        doc = {"format": GRAM_FORMAT, "format_version": FORMAT_VERSION, "key_sha256": key,
+               "members_sha256": canonical, "dataset": desc, "attribution": attribution,
+               "content_sha256": _tensor_digest(gram, count),
+               "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+        path = os.path.join(self.root, "grams", f"{key[:16]}.safetensors")
+        try:
+            with atomic_path(path) as tmp:
+                save_file({"gram": gram, "n_samples": count}, tmp,
+                          metadata={"divfast": json.dumps(doc, sort_keys=True)})
+        except OSError as exc:
+            raise DivfastError(f"root (logits cache): cannot write {path!r} "
+                               f"({exc.strerror or exc})") from exc
+        return path
+
+
+def _read_gram(path: str, key: str, canonical: list[str], desc: dict,
+               attribution: dict) -> tuple[torch.Tensor, int] | None:
+    """A pool Gram entry when every check passes, else None (never raises on a bad file)."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        return None
+    try:
+        with safe_open(path, framework="pt") as f:
+            doc = json.loads((f.metadata() or {})["divfast"])
+            if set(f.keys()) != {"gram", "n_samples"}:
+                return None
+            gram, count = f.get_tensor("gram"), f.get_tensor("n_samples")
+        k = len(canonical)
+        ok = (isinstance(doc, dict) and doc.get("format") == GRAM_FORMAT
+              and doc.get("format_version") == FORMAT_VERSION and doc.get("key_sha256") == key
+              and doc.get("members_sha256") == canonical and doc.get("dataset") == desc
+              and doc.get("attribution") == attribution and gram.dtype == torch.float64
+              and tuple(gram.shape) == (k, k) and count.dtype == torch.int64
+              and count.dim() == 0 and doc.get("content_sha256") == _tensor_digest(gram, count)
+              and bool(torch.isfinite(gram).all()))
+    except Exception:  # noqa: BLE001  any unreadable or malformed file is a miss, rewritten later
+        return None
+    return (gram, int(count)) if ok else None
 
 
 def _read_entry(path: str, member_sha: str, dataset_sha: str,

@@ -351,10 +351,15 @@ def _check_datasets(datasets) -> list[str]:
     return specs
 
 
-def _pool_gram(paths, dataset, batch_size, device, progress,
-               loaded: dict) -> tuple[torch.Tensor, int]:
+SALIENCY_GRAM = {"method": "saliency", "target": "label", "abs": True, "normalize": "none",
+                 "ddof": 0}  # how the sweep's attribution maps are made (the Gram cache key)
+
+
+def _pool_gram(paths, dataset, batch_size, device, progress, loaded: dict, cache=None,
+               desc: dict | None = None) -> tuple[torch.Tensor, int]:
     """The pool's Saliency Gram (label targets, absolute maps, ddof 0) over ``dataset``: one
-    backward pass per member and batch. Members come from (and go into) ``loaded``, by path."""
+    backward pass per member and batch, or none when ``cache`` holds it for this pool and ``desc``.
+    Members come from (and go into) ``loaded``, by path."""
     import sys
 
     from torch.utils.data import DataLoader
@@ -364,6 +369,10 @@ def _pool_gram(paths, dataset, batch_size, device, progress,
     from divfast.data.members import load_member
     from divfast.metrics import AttributionDiversity
 
+    if cache is not None:
+        hit = cache.get_gram(paths, desc, SALIENCY_GRAM)
+        if hit is not None:
+            return hit
     for path in paths:
         if path not in loaded:
             loaded[path] = load_member(path, device).eval()
@@ -374,7 +383,10 @@ def _pool_gram(paths, dataset, batch_size, device, progress,
         x = x.to(device)
         maps = member_attributions(members, x, "label", labels=torch.as_tensor(y).to(device))
         metric.update(maps)  # (K, B, 3, H, W)
-    return metric.state["gram"].cpu(), int(metric.state["n_samples"])
+    gram, n = metric.state["gram"].cpu(), int(metric.state["n_samples"])
+    if cache is not None:
+        cache.put_gram(paths, desc, SALIENCY_GRAM, gram, n)
+    return gram, n
 
 
 def run_sweep(member_paths: str | Sequence[str], datasets: str | Sequence[str], k: int = 3,
@@ -390,7 +402,8 @@ def run_sweep(member_paths: str | Sequence[str], datasets: str | Sequence[str], 
     lacks (so a corruption is computed once per dataset, and a rerun does no forward pass); :func:`sweep` then gives the rows, tagged with ``"dataset"``, and
     :func:`divfast.ensembles.difficulty_analysis` the difficulty functions of the groups. With
     ``attribution="saliency"`` each member also runs one Saliency backward pass per batch (label
-    targets, absolute maps; never cached) and the rows get ``attribution_diversity``.
+    targets, absolute maps), unless the cache holds this pool's Saliency Gram on the dataset, and
+    the rows get ``attribution_diversity``.
 
     Args:
         member_paths: checkpoint files, or what :func:`resolve_pool` accepts (a directory, a
@@ -478,7 +491,7 @@ def run_sweep(member_paths: str | Sequence[str], datasets: str | Sequence[str], 
         pool_gram = gram_samples = None
         if attribution == "saliency":
             pool_gram, gram_samples = _pool_gram(paths, dataset, batch_size, device, progress,
-                                                  loaded)
+                                                  loaded, cache, desc)
         for row in sweep(logits.to(device), target.to(device), k, rules, names, parameters,
                          pool_gram, gram_samples):
             rows.append({"dataset": spec, **row})
