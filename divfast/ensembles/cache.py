@@ -251,7 +251,6 @@ class LogitsCache:
                 ``dataset_desc``, logits of another dtype or shape than the description and the
                 checkpoint's class count say, non-finite logits, or a failed write.
         """
-        from safetensors.torch import save_file
 
         from divfast.data.members import read_member_info
 
@@ -280,16 +279,8 @@ class LogitsCache:
                "architecture": info.architecture, "num_classes": c,
                "content_sha256": _tensor_digest(logits, target),
                "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
-        path = self._path(member_sha, dataset_sha)
-        try:
-            with atomic_path(path) as tmp:
-                save_file({"logits": logits, "target": target}, tmp,
-                          metadata={"divfast": json.dumps(doc, sort_keys=True)})
-        except OSError as exc:
-            raise DivfastError(f"root (logits cache): cannot write {path!r} "
-                               f"({exc.strerror or exc})") from exc
-        return path
-
+        return _write_entry(self._path(member_sha, dataset_sha),
+                            {"logits": logits, "target": target}, doc)
 
     def _gram_key(self, member_paths: Sequence[str | os.PathLike], dataset_desc: dict,
                   attribution: dict) -> tuple[str, list[int], list[str], dict]:
@@ -333,8 +324,6 @@ class LogitsCache:
             DivfastError: a Gram that is not a finite float64 (K, K) tensor for K members, a bad
                 sample count, or a failed write.
         """
-        from safetensors.torch import save_file
-
         k = len(member_paths)
         if (not isinstance(gram, torch.Tensor) or gram.dtype != torch.float64
                 or tuple(gram.shape) != (k, k) or not bool(torch.isfinite(gram).all())):
@@ -351,30 +340,46 @@ class LogitsCache:
                "members_sha256": canonical, "dataset": desc, "attribution": attribution,
                "content_sha256": _tensor_digest(gram, count),
                "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
-        path = os.path.join(self.root, "grams", f"{key[:16]}.safetensors")
-        try:
-            with atomic_path(path) as tmp:
-                save_file({"gram": gram, "n_samples": count}, tmp,
-                          metadata={"divfast": json.dumps(doc, sort_keys=True)})
-        except OSError as exc:
-            raise DivfastError(f"root (logits cache): cannot write {path!r} "
-                               f"({exc.strerror or exc})") from exc
-        return path
+        return _write_entry(os.path.join(self.root, "grams", f"{key[:16]}.safetensors"),
+                            {"gram": gram, "n_samples": count}, doc)
+
+
+def _write_entry(path: str, tensors: dict[str, torch.Tensor], doc: dict) -> str:
+    """Writes a safetensors entry with ``doc`` under the "divfast" metadata key, atomically."""
+    from safetensors.torch import save_file
+
+    try:
+        with atomic_path(path) as tmp:
+            save_file(tensors, tmp, metadata={"divfast": json.dumps(doc, sort_keys=True)})
+    except OSError as exc:
+        raise DivfastError(f"root (logits cache): cannot write {path!r} "
+                           f"({exc.strerror or exc})") from exc
+    return path
+
+
+def _open_entry(path: str, names: set[str]) -> tuple[dict, dict[str, torch.Tensor]] | None:
+    """An entry's JSON document and tensors when it holds exactly ``names``; None when the file
+    is missing (it raises on an unreadable file: the callers turn that into a miss)."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        return None
+    with safe_open(path, framework="pt") as f:
+        doc = json.loads((f.metadata() or {})["divfast"])
+        if set(f.keys()) != names:
+            return None
+        return doc, {name: f.get_tensor(name) for name in names}
 
 
 def _read_gram(path: str, key: str, canonical: list[str], desc: dict,
                attribution: dict) -> tuple[torch.Tensor, int] | None:
     """A pool Gram entry when every check passes, else None (never raises on a bad file)."""
-    from safetensors import safe_open
-
-    if not os.path.isfile(path):
-        return None
     try:
-        with safe_open(path, framework="pt") as f:
-            doc = json.loads((f.metadata() or {})["divfast"])
-            if set(f.keys()) != {"gram", "n_samples"}:
-                return None
-            gram, count = f.get_tensor("gram"), f.get_tensor("n_samples")
+        opened = _open_entry(path, {"gram", "n_samples"})
+        if opened is None:
+            return None
+        doc, tensors = opened
+        gram, count = tensors["gram"], tensors["n_samples"]
         k = len(canonical)
         ok = (isinstance(doc, dict) and doc.get("format") == GRAM_FORMAT
               and doc.get("format_version") == FORMAT_VERSION and doc.get("key_sha256") == key
@@ -391,16 +396,12 @@ def _read_gram(path: str, key: str, canonical: list[str], desc: dict,
 def _read_entry(path: str, member_sha: str, dataset_sha: str,
                 desc: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The entry's tensors when every check passes, else None (never raises on a bad file)."""
-    from safetensors import safe_open
-
-    if not os.path.isfile(path):
-        return None
     try:
-        with safe_open(path, framework="pt") as f:
-            doc = json.loads((f.metadata() or {})["divfast"])
-            if set(f.keys()) != {"logits", "target"}:
-                return None
-            logits, target = f.get_tensor("logits"), f.get_tensor("target")
+        opened = _open_entry(path, {"logits", "target"})
+        if opened is None:
+            return None
+        doc, tensors = opened
+        logits, target = tensors["logits"], tensors["target"]
         n = desc["num_samples"]
         ok = (isinstance(doc, dict) and doc.get("format") == FORMAT
               and doc.get("format_version") == FORMAT_VERSION
