@@ -326,7 +326,9 @@ def train(members, arch, num_members, loss, lam, consensus, attribution_normaliz
     train_set, val_set = build_train_datasets(data, val_data, image_size)
     cfg = TrainConfig(architectures=archs, loss=loss, epochs=epochs, batch_size=batch_size, lr=lr,
                       decay_every=decay_every, decay_factor=decay_factor, seed=seed,
-                      dataset=os.path.abspath(data) if data else "digits", loss_options=options,
+                      dataset=os.path.abspath(data) if data else "digits",
+                      val_dataset=os.path.abspath(val_data) if val_data else None,
+                      image_size=image_size if data else None, loss_options=options,
                       clip_grad=clip_grad, amp=amp)
     paths = train_ensemble(cfg, out, device=_device(device), overwrite=overwrite, progress=progress,
                            train_set=train_set, test_set=val_set,
@@ -438,7 +440,7 @@ def compare_cmd(ensembles, datasets, rules, out, data, seed, batch_size, device,
 
 def _emit_comparison(result: dict, out: str | None, as_json: bool = False) -> None:
     """Prints the comparison (table or JSON) and writes comparison.json and one figure per rule."""
-    from divfast.io import ensure_dir, write_json_atomic
+    from divfast.io import ensure_dir, json_safe, write_json_atomic
     from divfast.report import comparison_plot, render_comparison
 
     if as_json:

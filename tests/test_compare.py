@@ -105,3 +105,25 @@ def test_cli_compare_writes_json_and_figure(three_files, tmp_path):
 ])
 def test_cli_compare_errors(args, flag):
     assert_user_error(invoke(CliRunner(), ["compare", *args]), flag)
+
+
+def test_cli_compare_json(three_files):
+    result = invoke(CliRunner(), ["compare", "--ensemble", f"trio={','.join(three_files)}",
+                                  "--datasets", "clean", "--num-samples", "8", "--json",
+                                  "--no-progress"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["schema"] == "divfast.compare/1" and len(doc["rows"]) == 1
+
+
+def test_members_of_different_class_counts_are_refused_even_when_cached(three_files, tmp_path):
+    from divfast.data.members import create_member
+
+    other = str(tmp_path / "twelve.safetensors")
+    save_member(create_member("resnet10t", 12, (3, 32, 32)), other)
+    cache = str(tmp_path / "cache")
+    compare_ensembles({"a": three_files[:1]}, "clean", num_samples=8, cache_dir=cache)
+    compare_ensembles({"b": [other]}, "clean", num_samples=8, cache_dir=cache)
+    with pytest.raises(DivfastError, match=r"--ensemble.*different numbers of classes"):
+        compare_ensembles({"a": three_files[:1], "b": [other]}, "clean", num_samples=8,
+                          cache_dir=cache)

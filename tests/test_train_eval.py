@@ -269,12 +269,16 @@ def test_evaluate_empty_dataset(members):
 # --- the run directory -------------------------------------------------------------------------
 
 
-def test_rerun_same_config_is_allowed_different_needs_overwrite(tmp_path):
+def test_a_finished_or_different_run_needs_overwrite(tmp_path):
     train, test = _tiny_sets()
     out = str(tmp_path / "run")
     kw = dict(progress=False, train_set=train, test_set=test)
     train_ensemble(_tiny_cfg(), out, **kw)
-    train_ensemble(_tiny_cfg(), out, **kw)  # the same run again: no refusal
+    finished = {n: os.path.getmtime(os.path.join(out, n)) for n in os.listdir(out)}
+    with pytest.raises(DivfastError, match="--overwrite"):  # never destroyed by a plain rerun
+        train_ensemble(_tiny_cfg(), out, **kw)
+    assert {n: os.path.getmtime(os.path.join(out, n)) for n in os.listdir(out)} == finished
+    train_ensemble(_tiny_cfg(), out, overwrite=True, **kw)
 
     with open(os.path.join(out, "run.json"), encoding="utf-8") as f:
         before = f.read()

@@ -132,26 +132,39 @@ def test_resume_after_an_interruption_reproduces_the_run_exactly(uninterrupted, 
 def test_resume_after_sigkill_reproduces_the_run_exactly(uninterrupted, tmp_path):
     """A real kill -9 while the second epoch trains; resuming gives the same members bit for bit."""
     out = str(tmp_path / "run")
-    marker = str(tmp_path / "epoch1.done")
+    marker = str(tmp_path / "epoch2.started")
     script = f"""
 import os, time
-from torch.utils.data import Subset
+from torch.utils.data import Dataset, Subset
 from divfast.data.digits import digits_dataset
 from divfast.training import TrainConfig, train_ensemble
 cfg = TrainConfig(["resnet10t", "resnet10t"], epochs=2, batch_size=32, loss="gncl",
                   loss_options={{"lam": 0.2, "consensus": "average"}})
-def hold(epoch, record):
-    open({marker!r}, "w").close()
-    time.sleep(600)
-train_ensemble(cfg, {out!r}, progress=False, train_set=Subset(digits_dataset("train"), range(256)),
-               test_set=Subset(digits_dataset("test"), range(128)), epoch_callback=hold)
+class Held(Dataset):  # after epoch 1, the 40th image of epoch 2 signals and waits for the kill
+    armed, fetched = False, 0
+    def __init__(self, base):
+        self.base = base
+    def __len__(self):
+        return len(self.base)
+    def __getitem__(self, i):
+        if self.armed:
+            self.fetched += 1
+            if self.fetched == 40:
+                open({marker!r}, "w").close()
+                time.sleep(600)
+        return self.base[i]
+train = Held(Subset(digits_dataset("train"), range(256)))
+def arm(epoch, record):
+    train.armed = True
+train_ensemble(cfg, {out!r}, progress=False, train_set=train,
+               test_set=Subset(digits_dataset("test"), range(128)), epoch_callback=arm)
 """
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
     try:
         deadline = time.time() + 300
         while not os.path.exists(marker):
-            assert proc.poll() is None, "the training process ended before epoch 1"
-            assert time.time() < deadline, "epoch 1 never completed"
+            assert proc.poll() is None, "the training process ended before epoch 2"
+            assert time.time() < deadline, "epoch 2 never started"
             time.sleep(0.2)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
@@ -348,7 +361,12 @@ def test_resume_may_add_clipping_and_survives_a_torn_log_line(uninterrupted, sma
                    train_set=small_sets[0], test_set=small_sets[1])
     records = _log(out)
     assert [r["epoch"] for r in records] == [1, 2, 3]
-    assert "grad_norm" in records[2]["terms"] and "grad_norm" not in records[1]["terms"]
+    assert all(r["terms"]["grad_norm"] > 0 for r in records)  # logged with or without clipping
+    with open(os.path.join(out, "run.json"), encoding="utf-8") as f:
+        assert json.load(f)["config"]["clip_grad"] == 2.0
+    with pytest.raises(DivfastError, match="--epochs: .* completed 3 epochs"):
+        train_ensemble(_cfg(epochs=2, clip_grad=2.0), out, resume=True, progress=False,
+                       train_set=small_sets[0], test_set=small_sets[1])
 
 
 @pytest.mark.ddp
@@ -383,5 +401,59 @@ train_ensemble(cfg, {out!r}, progress=False, train_set=Poisoned(base),
          str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert result.stderr.count("training diverged at epoch 1, step 1") == 2, result.stderr[-3000:]
+    with open(os.path.join(out, "run.json"), encoding="utf-8") as f:
+        assert json.load(f)["status"] == "diverged"
+
+
+def test_resume_ignores_a_torn_checkpoint_and_a_record_without_one(uninterrupted, small_sets,
+                                                                    tmp_path):
+    """Killed between the epoch-2 log record and its checkpoint's rename: a record for epoch 2, a
+    half-written checkpoints/epoch-0002.tmp. Resuming redoes epoch 2 exactly."""
+    out = str(tmp_path / "run")
+    kw = dict(progress=False, train_set=small_sets[0], test_set=small_sets[1])
+
+    def interrupt(epoch, record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_ensemble(_cfg(), out, epoch_callback=interrupt, **kw)
+    with open(os.path.join(out, "log.jsonl"), "a", encoding="utf-8") as f:
+        f.write(json.dumps(dict(_log(uninterrupted)[1], loss=123.0)) + "\n")
+    torn = os.path.join(out, "checkpoints", "epoch-0002.tmp")
+    os.makedirs(torn)
+    with open(os.path.join(torn, "member0-resnet10t.safetensors"), "wb") as f:
+        f.write(b"half")
+    assert completed_epochs(out) == [1]
+    train_ensemble(_cfg(), out, resume=True, **kw)
+    _assert_same_weights(out, uninterrupted)
+    assert [_without_time(r) for r in _log(out)] == [_without_time(r) for r in _log(uninterrupted)]
+    assert not os.path.exists(torn)
+
+
+def test_members_carry_their_provenance_at_every_checkpoint(uninterrupted):
+    from divfast.data.members import read_member_info
+
+    for folder in (uninterrupted, os.path.join(uninterrupted, "checkpoints", "epoch-0002")):
+        info = read_member_info(os.path.join(folder, "member1-resnet10t.safetensors"))
+        prov = info.provenance
+        assert prov["loss"] == "gncl" and prov["epoch"] == 2 and prov["member_index"] == 1
+        assert prov["loss_options"] == {"lambda": 0.2, "consensus": "average", "masked": False}
+
+
+def test_logged_lr_is_the_rate_the_epoch_trained_with(small_sets, tmp_path):
+    out = str(tmp_path / "run")
+    train_ensemble(_cfg(epochs=2, decay_every=1, decay_factor=0.5), out, progress=False,
+                   train_set=small_sets[0], test_set=small_sets[1])
+    assert [r["lr"] for r in _log(out)] == pytest.approx([1e-3, 5e-4])
+
+
+def test_nan_saliency_maps_stop_the_attribution_run(small_sets, tmp_path):
+    out = str(tmp_path / "run")
+    train = _Switchable(small_sets[0], float("nan"))
+    cfg = _cfg(loss="attribution", loss_options={"lam": 0.2, "normalize": "l2",
+                                                 "warmup_epochs": 0})
+    with pytest.raises(TrainingDiverged, match="epoch 2, step 1: the loss is nan"):
+        train_ensemble(cfg, out, progress=False, train_set=train, test_set=small_sets[1],
+                       epoch_callback=_poison(train))
     with open(os.path.join(out, "run.json"), encoding="utf-8") as f:
         assert json.load(f)["status"] == "diverged"

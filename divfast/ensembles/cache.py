@@ -290,9 +290,8 @@ class LogitsCache:
             raise DivfastError(f"attribution: expected a dict of settings, got "
                                f"{type(attribution).__name__}")
         shas = [self.member_hash(p) for p in member_paths]
-        if len(set(shas)) != len(shas):
-            raise DivfastError("member_paths: the same checkpoint bytes appear twice in the pool")
-        order = sorted(range(len(shas)), key=lambda i: shas[i])
+        # equal bytes give equal rows and columns, so their relative order does not matter
+        order = sorted(range(len(shas)), key=lambda i: (shas[i], i))
         canonical = [shas[i] for i in order]
         doc = {"members": canonical, "dataset": desc, "attribution": attribution}
         key = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()

@@ -83,7 +83,14 @@ def compare_ensembles(ensembles: Mapping[str, str | Sequence[str]],
             if os.path.realpath(p) not in {os.path.realpath(q) for q in paths}:
                 paths.append(p)
     index = {os.path.realpath(p): i for i, p in enumerate(paths)}
-    image_size = read_member_info(paths[0]).input_size[-1]
+    infos = [read_member_info(p) for p in paths]
+    classes = {info.num_classes for info in infos}
+    if len(classes) > 1:
+        counts = ", ".join(f"{os.path.basename(p)}: {info.num_classes}"
+                           for p, info in zip(paths, infos))
+        raise DivfastError(f"ensembles (--ensemble): the members predict different numbers of "
+                           f"classes ({counts}); compare ensembles of one task")
+    image_size = infos[0].input_size[-1]
     cache = LogitsCache(cache_dir) if cache_dir is not None else None
     loaded: dict = {}
     rows = []

@@ -370,6 +370,7 @@ def _pool_gram(paths, dataset, batch_size, device, progress, loaded: dict, cache
     from divfast.metrics import AttributionDiversity
 
     if cache is not None:
+        shas = [cache.member_hash(p) for p in paths]
         hit = cache.get_gram(paths, desc, SALIENCY_GRAM)
         if hit is not None:
             return hit
@@ -385,6 +386,10 @@ def _pool_gram(paths, dataset, batch_size, device, progress, loaded: dict, cache
         metric.update(maps)  # (K, B, 3, H, W)
     gram, n = metric.state["gram"].cpu(), int(metric.state["n_samples"])
     if cache is not None:
+        for path, sha in zip(paths, shas):
+            if cache.member_hash(path) != sha:
+                raise DivfastError(f"member_paths (--pool): {path!r} changed while its Saliency "
+                                   "maps were computed; nothing was cached, run again")
         cache.put_gram(paths, desc, SALIENCY_GRAM, gram, n)
     return gram, n
 

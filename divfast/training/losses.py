@@ -308,6 +308,9 @@ class AttributionLoss(EnsembleLoss):
         per_member = member_cross_entropy(logits, target)  # (M,)
         lam = self.effective_lambda()
         maps = self.saliency(logits, target, inputs)  # (M, B, 3, H, W)
+        if not bool(torch.isfinite(maps).all()):  # a NaN loss: the trainer stops every process
+            nan = per_member.sum() * float("nan")
+            return nan, _terms(per_member, attribution_diversity=float("nan"), lambda_effective=lam)
         variance, _ = attribution_stats(maps, abs=True, normalize=self.normalize)  # (B,) float64
         diversity = variance.mean().to(per_member.dtype)
         loss = per_member.sum() / m - lam * diversity

@@ -63,6 +63,8 @@ class TrainConfig:
     decay_factor: float = 0.9
     seed: int = 0
     dataset: str = "digits"
+    val_dataset: str | None = None  # None: the dataset's own validation split (or itself)
+    image_size: int | None = None  # crop size of ImageFolder data; None: the data's own size
     loss_options: dict = field(default_factory=dict)
     clip_grad: float | None = None  # max global gradient norm; None: no clipping
     amp: bool = False  # bfloat16 autocast (CUDA only)
@@ -174,18 +176,25 @@ def _prepare_out_dir(out_dir: str, cfg: TrainConfig, overwrite: bool, resume: bo
             raise DivfastError(f"--resume: the run in {out_dir!r} was started with different "
                                f"settings ({', '.join(diff)}); pass the same options (only "
                                "--epochs and --clip-grad may change)")
-        return completed_epochs(out_dir)[-1]
+        last = completed_epochs(out_dir)[-1]
+        if cfg.epochs < last:
+            raise DivfastError(f"--epochs: the run in {out_dir!r} has completed {last} epochs; "
+                               f"--resume cannot end it at {cfg.epochs}")
+        return last
     if previous is not None and not overwrite:
         same = previous.get("config") == json.loads(json.dumps(asdict(cfg)))
         if not same:
             raise DivfastError(f"--out: {out_dir!r} holds a different run (see run.json); pass "
                                "--resume to continue it with its settings, --overwrite to replace "
                                "it, or choose another directory")
-        if previous.get("status") != "done" and completed_epochs(out_dir):
+        if previous.get("status") == "done":
+            raise DivfastError(f"--out: {out_dir!r} holds this run, finished; pass --overwrite to "
+                               "train it again from scratch, --resume --epochs N to extend it, or "
+                               "choose another directory")
+        if completed_epochs(out_dir):
             raise DivfastError(f"--out: {out_dir!r} holds an unfinished run of these settings "
                                f"(epoch {completed_epochs(out_dir)[-1]} of {cfg.epochs}); pass "
                                "--resume to continue it or --overwrite to start again")
-        overwrite = True  # the same settings, finished: train them again from scratch
     if overwrite:
         shutil.rmtree(os.path.join(out_dir, "checkpoints"), ignore_errors=True)
         for name in os.listdir(out_dir):
@@ -311,7 +320,7 @@ def _broadcast(obj, world: int):
 
 def training_step(model: nn.Module, loss_fn: EnsembleLoss, optimizer: torch.optim.Optimizer,
                   x: torch.Tensor, y: torch.Tensor, clip_grad: float | None = None,
-                  amp: bool = False) -> tuple[float, dict, float | None]:
+                  amp: bool = False) -> tuple[float, dict, float]:
     """One optimisation step of the whole ensemble: forward every member, loss, backward, update.
 
     Args:
@@ -323,10 +332,11 @@ def training_step(model: nn.Module, loss_fn: EnsembleLoss, optimizer: torch.opti
         amp: bfloat16 autocast for the forward and the loss (CUDA).
 
     Returns:
-        ``(loss, terms, grad_norm)``; ``grad_norm`` is None without clipping.
+        ``(loss, terms, grad_norm)``: the global gradient norm before any clipping.
 
     Raises:
-        TrainingDiverged: a non-finite loss or gradient norm (the update is not applied).
+        TrainingDiverged: a non-finite loss or gradient norm, on this or (under DDP) another
+            process; the update is not applied.
     """
     if loss_fn.needs_inputs:
         x = x.detach().requires_grad_(True)
@@ -347,12 +357,14 @@ def training_step(model: nn.Module, loss_fn: EnsembleLoss, optimizer: torch.opti
         raise TrainingDiverged(f"the loss is {value} ({_format_terms(terms)})")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    norm = None
-    if clip_grad is not None:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if clip_grad is None:  # no clipping, but a non-finite gradient must never reach the update
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    else:
         norm = float(torch.nn.utils.clip_grad_norm_(params, clip_grad))
-        if not math.isfinite(norm):
-            raise TrainingDiverged(f"the gradient norm is {norm} (loss {value:.4g})")
+    if not math.isfinite(norm):  # after DDP's all-reduce every process sees the same norm
+        raise TrainingDiverged(f"the gradient norm is {norm} (loss {value:.4g})")
     optimizer.step()
     return value, terms, norm
 
@@ -515,13 +527,13 @@ def train_ensemble(cfg: TrainConfig, out_dir: str, device: str | torch.device = 
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     value, terms, norm = training_step(model, loss_fn, opt, x, y, cfg.clip_grad,
                                                        amp)
-                    means.add(dict(terms, loss=value) if norm is None
-                              else dict(terms, loss=value, grad_norm=norm))
+                    means.add(dict(terms, loss=value, grad_norm=norm))
                     bar.set_postfix(loss=f"{means.sums['loss'] / means.count:.3f}")
             except TrainingDiverged as exc:
                 _stop(out_dir, cfg, rank, members, reason=str(exc), world=world)
                 raise TrainingDiverged(_diverged_message(out_dir, epoch + 1, means.count + 1,
                                                          str(exc))) from None
+            lr = sched.get_last_lr()[0]  # the rate this epoch trained with
             sched.step()
 
             stop_reason = None
@@ -536,7 +548,7 @@ def train_ensemble(cfg: TrainConfig, out_dir: str, device: str | torch.device = 
                 record = {"epoch": epoch + 1, "loss": terms.pop("loss", float("nan")),
                           "terms": terms, "member_accuracy": member_acc,
                           "ensemble_accuracy": ens_acc, "diversity": json_safe(report["diversity"]),
-                          "lr": sched.get_last_lr()[0], "seconds": time.time() - t0}
+                          "lr": lr, "seconds": time.time() - t0}
                 if _collapsed(history, ens_acc, num_classes, len(test_set)):
                     stop_reason = (f"the ensemble's validation accuracy collapsed to "
                                    f"{ens_acc:.3f} (chance {1 / num_classes:.3f}) after reaching "
@@ -547,6 +559,7 @@ def train_ensemble(cfg: TrainConfig, out_dir: str, device: str | torch.device = 
                     # epoch before, and the resume drops the record of the epoch it redoes
                     with open(log_path, "a", encoding="utf-8") as f:
                         f.write(json.dumps(json_safe(record)) + "\n")
+                    _stamp(members, cfg, loss_fn, epoch + 1, member_acc, world)
                     _save_checkpoint(out_dir, epoch + 1, members, opt, sched, keep_checkpoints)
                     status("running", epoch + 1)
                     if progress:
@@ -572,13 +585,7 @@ def train_ensemble(cfg: TrainConfig, out_dir: str, device: str | torch.device = 
             lines = _read_log(log_path)
             member_acc = lines[-1]["member_accuracy"] if lines else []
             ens_acc = lines[-1]["ensemble_accuracy"] if lines else float("nan")
-        else:
-            for i, m in enumerate(members):
-                m.info.provenance = {"loss": cfg.loss, "loss_options": loss_fn.options(),
-                                     "epochs": cfg.epochs, "seed": cfg.seed, "member_index": i,
-                                     "dataset": cfg.dataset, "test_accuracy": member_acc[i],
-                                     "optimizer": "AdaBelief", "lr": cfg.lr,
-                                     "batch_size": cfg.batch_size, "world_size": world}
+        else:  # the members carry the provenance _stamp gave them at their last checkpoint
             paths = _publish_members(out_dir, members)
         write_json_atomic(os.path.join(out_dir, "run.json"),
                           {"config": asdict(cfg), "status": "done", "epoch": cfg.epochs,
@@ -589,6 +596,17 @@ def train_ensemble(cfg: TrainConfig, out_dir: str, device: str | torch.device = 
 
         dist.barrier()
     return paths
+
+
+def _stamp(members: list[Member], cfg: TrainConfig, loss_fn: EnsembleLoss, epoch: int,
+           accuracy: list[float], world: int) -> None:
+    """Writes how each member was made into its metadata (saved with every checkpoint)."""
+    for i, m in enumerate(members):
+        m.info.provenance = {"loss": cfg.loss, "loss_options": loss_fn.options(), "epoch": epoch,
+                             "epochs": cfg.epochs, "seed": cfg.seed, "member_index": i,
+                             "dataset": cfg.dataset, "test_accuracy": accuracy[i],
+                             "optimizer": "AdaBelief", "lr": cfg.lr,
+                             "batch_size": cfg.batch_size, "world_size": world}
 
 
 def _stop(out_dir: str, cfg: TrainConfig, rank: int, members: list[Member], reason: str,
