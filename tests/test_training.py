@@ -457,3 +457,25 @@ def test_nan_saliency_maps_stop_the_attribution_run(small_sets, tmp_path):
                        epoch_callback=_poison(train))
     with open(os.path.join(out, "run.json"), encoding="utf-8") as f:
         assert json.load(f)["status"] == "diverged"
+
+
+def test_a_runaway_attribution_penalty_stops_the_run(small_sets, tmp_path):
+    """Raw Saliency maps and a large lambda: the penalty outgrows the cross-entropy (the paper's
+    instability) and the run stops after its first epoch, keeping nothing better than it had."""
+    out = str(tmp_path / "run")
+    cfg = _cfg(loss="attribution", loss_options={"lam": 10.0, "normalize": "none",
+                                                 "warmup_epochs": 0})
+    with pytest.raises(TrainingDiverged, match="attribution penalty runs away"):
+        train_ensemble(cfg, out, progress=False, train_set=small_sets[0], test_set=small_sets[1])
+    assert completed_epochs(out) == []
+
+
+def test_epoch_check_rule():
+    from divfast.training import build_loss
+
+    loss = build_loss("attribution", lam=1.0)
+    assert loss.epoch_check({"member_ce": [2.0, 2.0], "attribution_diversity": 0.5,
+                             "lambda_effective": 1.0}) is None
+    assert "runs away" in loss.epoch_check({"member_ce": [2.0, 2.0], "attribution_diversity": 41.0,
+                                             "lambda_effective": 1.0})
+    assert build_loss("gncl").epoch_check({"member_ce": [1.0], "penalty": 1e9}) is None

@@ -101,6 +101,10 @@ class EnsembleLoss:
         """The options that define this loss, for run.json and the checkpoint metadata."""
         return {}
 
+    def epoch_check(self, terms: dict) -> str | None:
+        """Given an epoch's mean terms, the reason to stop the run, or None to go on."""
+        return None
+
     def __call__(self, logits: torch.Tensor, target: torch.Tensor,
                  inputs: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         _check_batch(logits, target)
@@ -256,8 +260,14 @@ class AttributionLoss(EnsembleLoss):
       paper's raw Eq. 7.
     * ``warmup_epochs``: lambda ramps linearly from 0 over the first epochs, so members first learn to
       classify (the trainer calls ``set_epoch``).
-    * the trainer's gradient clipping (``--clip-grad``) and divergence checks (non-finite loss,
-      collapse to chance accuracy) stop a run that runs away, keeping the last good checkpoint.
+    * :meth:`epoch_check`: an epoch whose mean penalty ``lambda A`` exceeds
+      ``PENALTY_RATIO`` (20) times the members' mean cross-entropy stops the run — the penalty then
+      drives the training, and with raw maps it grows without bound (measured on the digits:
+      ``--attribution-normalize none --lambda 10`` took A from 82 to 187,000 in four epochs while
+      every member stayed at chance; benchmarks/RESULTS.md).
+    * the trainer's gradient clipping (``--clip-grad``) and divergence checks (non-finite loss or
+      gradient, collapse to chance accuracy) stop a run that runs away, keeping the last good
+      checkpoint.
 
     The Saliency target is the true label (as ``divfast eval``'s default). In training mode a batch
     norm couples the samples of a batch, so each map also carries the (small) gradient through the
@@ -282,6 +292,17 @@ class AttributionLoss(EnsembleLoss):
     def options(self) -> dict:
         return {"lambda": self.lam, "normalize": self.normalize,
                 "warmup_epochs": self.warmup_epochs}
+
+    PENALTY_RATIO = 20.0
+
+    def epoch_check(self, terms: dict) -> str | None:
+        ce = sum(terms.get("member_ce", [])) / max(len(terms.get("member_ce", [])), 1)
+        penalty = terms.get("lambda_effective", 0.0) * terms.get("attribution_diversity", 0.0)
+        if ce > 0 and penalty > self.PENALTY_RATIO * ce:
+            return (f"the attribution penalty runs away: lambda*A = {penalty:.4g} is over "
+                    f"{self.PENALTY_RATIO:g}x the members' cross-entropy ({ce:.3g}); use "
+                    "--attribution-normalize l2, a smaller --lambda or --warmup-epochs")
+        return None
 
     def effective_lambda(self) -> float:
         if self.warmup_epochs == 0:

@@ -549,10 +549,13 @@ def train_ensemble(cfg: TrainConfig, out_dir: str, device: str | torch.device = 
                           "terms": terms, "member_accuracy": member_acc,
                           "ensemble_accuracy": ens_acc, "diversity": json_safe(report["diversity"]),
                           "lr": lr, "seconds": time.time() - t0}
+                runaway = loss_fn.epoch_check(terms)
                 if _collapsed(history, ens_acc, num_classes, len(test_set)):
                     stop_reason = (f"the ensemble's validation accuracy collapsed to "
                                    f"{ens_acc:.3f} (chance {1 / num_classes:.3f}) after reaching "
                                    f"{max(history):.3f}")
+                elif runaway is not None:
+                    stop_reason = runaway
                 else:
                     history.append(ens_acc)
                     # the record first: a run killed before its checkpoint lands resumes from the
