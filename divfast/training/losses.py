@@ -276,6 +276,7 @@ class AttributionLoss(EnsembleLoss):
 
     name = "attribution"
     needs_inputs = True
+    PENALTY_RATIO = 20.0  # epoch_check: lambda*A above this many times the cross-entropy stops
 
     def __init__(self, lam: float = DEFAULT_LAMBDA, normalize: str = "l2",
                  warmup_epochs: int = 0) -> None:
@@ -292,8 +293,6 @@ class AttributionLoss(EnsembleLoss):
     def options(self) -> dict:
         return {"lambda": self.lam, "normalize": self.normalize,
                 "warmup_epochs": self.warmup_epochs}
-
-    PENALTY_RATIO = 20.0
 
     def epoch_check(self, terms: dict) -> str | None:
         ce = sum(terms.get("member_ce", [])) / max(len(terms.get("member_ce", [])), 1)
@@ -379,7 +378,8 @@ def loss_options(name: str, **values) -> dict:
     if name not in _REGISTRY:
         build_loss(name)  # raises the error listing the valid losses
     params = inspect.signature(_REGISTRY[name]).parameters
-    defaults = {"lam": DEFAULT_LAMBDA, "consensus": "average", "normalize": "l2", "warmup_epochs": 0}
+    defaults = {key: param.default for factory in _REGISTRY.values()
+                for key, param in inspect.signature(factory).parameters.items()}
     chosen = {}
     for key, value in values.items():
         if key in params:

@@ -495,22 +495,20 @@ def train_ensemble(cfg: TrainConfig, out_dir: str, device: str | torch.device = 
         model = DistributedDataParallel(ensemble, device_ids=[device.index] if device.type == "cuda"
                                         else None)
 
+    def status(state: str, epoch: int, **extra) -> None:
+        write_json_atomic(os.path.join(out_dir, "run.json"),
+                          {"config": asdict(cfg), "status": state, "epoch": epoch,
+                           "world_size": world, "loss_options": loss_fn.options(), **extra})
+
     log_path = os.path.join(out_dir, "log.jsonl")
     history: list[float] = []
     if rank == 0:
         _truncate_log(log_path, start)
         history = [r["ensemble_accuracy"] for r in _read_log(log_path)]
-        write_json_atomic(os.path.join(out_dir, "run.json"),
-                          {"config": asdict(cfg), "status": "running", "epoch": start,
-                           "world_size": world, "loss_options": loss_fn.options()})
+        status("running", start)
     record: dict = {}
     member_acc: list[float] = []
     ens_acc = float("nan")
-
-    def status(state: str, epoch: int, **extra) -> None:
-        write_json_atomic(os.path.join(out_dir, "run.json"),
-                          {"config": asdict(cfg), "status": state, "epoch": epoch,
-                           "world_size": world, "loss_options": loss_fn.options(), **extra})
 
     try:
         for epoch in range(start, cfg.epochs):
@@ -590,10 +588,8 @@ def train_ensemble(cfg: TrainConfig, out_dir: str, device: str | torch.device = 
             ens_acc = lines[-1]["ensemble_accuracy"] if lines else float("nan")
         else:  # the members carry the provenance _stamp gave them at their last checkpoint
             paths = _publish_members(out_dir, members)
-        write_json_atomic(os.path.join(out_dir, "run.json"),
-                          {"config": asdict(cfg), "status": "done", "epoch": cfg.epochs,
-                           "world_size": world, "loss_options": loss_fn.options(), "members": paths,
-                           "member_accuracy": member_acc, "ensemble_accuracy": ens_acc})
+        status("done", cfg.epochs, members=paths, member_accuracy=member_acc,
+               ensemble_accuracy=ens_acc)
     if world > 1:
         import torch.distributed as dist
 
