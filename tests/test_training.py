@@ -108,9 +108,9 @@ def test_uninterrupted_run_layout(uninterrupted):
     assert [r["epoch"] for r in _log(uninterrupted)] == [1, 2]
 
 
-def test_resume_after_an_interruption_reproduces_the_run_exactly(uninterrupted, small_sets,
-                                                                  tmp_path):
-    out = str(tmp_path / "run")
+def _interrupted_after_epoch_1(out: str, small_sets) -> dict:
+    """Runs _cfg() into ``out`` and stops it with KeyboardInterrupt after epoch 1; returns the
+    keyword arguments to resume it with."""
     kw = dict(progress=False, train_set=small_sets[0], test_set=small_sets[1])
 
     def interrupt(epoch, record):
@@ -118,6 +118,13 @@ def test_resume_after_an_interruption_reproduces_the_run_exactly(uninterrupted, 
 
     with pytest.raises(KeyboardInterrupt):
         train_ensemble(_cfg(), out, epoch_callback=interrupt, **kw)
+    return kw
+
+
+def test_resume_after_an_interruption_reproduces_the_run_exactly(uninterrupted, small_sets,
+                                                                  tmp_path):
+    out = str(tmp_path / "run")
+    kw = _interrupted_after_epoch_1(out, small_sets)
     assert completed_epochs(out) == [1]
     with open(os.path.join(out, "run.json"), encoding="utf-8") as f:
         assert json.load(f)["status"] == "interrupted"
@@ -410,13 +417,7 @@ def test_resume_ignores_a_torn_checkpoint_and_a_record_without_one(uninterrupted
     """Killed between the epoch-2 log record and its checkpoint's rename: a record for epoch 2, a
     half-written checkpoints/epoch-0002.tmp. Resuming redoes epoch 2 exactly."""
     out = str(tmp_path / "run")
-    kw = dict(progress=False, train_set=small_sets[0], test_set=small_sets[1])
-
-    def interrupt(epoch, record):
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train_ensemble(_cfg(), out, epoch_callback=interrupt, **kw)
+    kw = _interrupted_after_epoch_1(out, small_sets)
     with open(os.path.join(out, "log.jsonl"), "a", encoding="utf-8") as f:
         f.write(json.dumps(dict(_log(uninterrupted)[1], loss=123.0)) + "\n")
     torn = os.path.join(out, "checkpoints", "epoch-0002.tmp")
