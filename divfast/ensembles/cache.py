@@ -42,7 +42,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -356,64 +356,65 @@ def _write_entry(path: str, tensors: dict[str, torch.Tensor], doc: dict) -> str:
     return path
 
 
-def _open_entry(path: str, names: set[str]) -> tuple[dict, dict[str, torch.Tensor]] | None:
-    """An entry's JSON document and tensors when it holds exactly ``names``; None when the file
-    is missing (it raises on an unreadable file: the callers turn that into a miss)."""
+def _checked_entry(path: str, names: set[str],
+                   valid: Callable[[dict, dict[str, torch.Tensor]], bool]
+                   ) -> dict[str, torch.Tensor] | None:
+    """An entry's tensors when the file holds exactly ``names`` and ``valid(doc, tensors)``
+    accepts its JSON document; None otherwise. Never raises on a bad file: any unreadable or
+    malformed entry is a miss, rewritten later."""
     from safetensors import safe_open
 
     if not os.path.isfile(path):
         return None
-    with safe_open(path, framework="pt") as f:
-        doc = json.loads((f.metadata() or {})["divfast"])
-        if set(f.keys()) != names:
-            return None
-        return doc, {name: f.get_tensor(name) for name in names}
+    try:
+        with safe_open(path, framework="pt") as f:
+            doc = json.loads((f.metadata() or {})["divfast"])
+            if set(f.keys()) != names:
+                return None
+            tensors = {name: f.get_tensor(name) for name in names}
+        ok = isinstance(doc, dict) and valid(doc, tensors)
+    except Exception:  # noqa: BLE001  see the docstring
+        return None
+    return tensors if ok else None
 
 
 def _read_gram(path: str, key: str, canonical: list[str], desc: dict,
                attribution: dict) -> tuple[torch.Tensor, int] | None:
     """A pool Gram entry when every check passes, else None (never raises on a bad file)."""
-    try:
-        opened = _open_entry(path, {"gram", "n_samples"})
-        if opened is None:
-            return None
-        doc, tensors = opened
-        gram, count = tensors["gram"], tensors["n_samples"]
-        k = len(canonical)
-        ok = (isinstance(doc, dict) and doc.get("format") == GRAM_FORMAT
-              and doc.get("format_version") == FORMAT_VERSION and doc.get("key_sha256") == key
-              and doc.get("members_sha256") == canonical and doc.get("dataset") == desc
-              and doc.get("attribution") == attribution and gram.dtype == torch.float64
-              and tuple(gram.shape) == (k, k) and count.dtype == torch.int64
-              and count.dim() == 0 and doc.get("content_sha256") == _tensor_digest(gram, count)
-              and bool(torch.isfinite(gram).all()))
-    except Exception:  # noqa: BLE001  any unreadable or malformed file is a miss, rewritten later
-        return None
-    return (gram, int(count)) if ok else None
+    k = len(canonical)
+
+    def valid(doc, t):
+        gram, count = t["gram"], t["n_samples"]
+        return (doc.get("format") == GRAM_FORMAT and doc.get("format_version") == FORMAT_VERSION
+                and doc.get("key_sha256") == key and doc.get("members_sha256") == canonical
+                and doc.get("dataset") == desc and doc.get("attribution") == attribution
+                and gram.dtype == torch.float64 and tuple(gram.shape) == (k, k)
+                and count.dtype == torch.int64 and count.dim() == 0
+                and doc.get("content_sha256") == _tensor_digest(gram, count)
+                and bool(torch.isfinite(gram).all()))
+
+    tensors = _checked_entry(path, {"gram", "n_samples"}, valid)
+    return None if tensors is None else (tensors["gram"], int(tensors["n_samples"]))
 
 
 def _read_entry(path: str, member_sha: str, dataset_sha: str,
                 desc: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The entry's tensors when every check passes, else None (never raises on a bad file)."""
-    try:
-        opened = _open_entry(path, {"logits", "target"})
-        if opened is None:
-            return None
-        doc, tensors = opened
-        logits, target = tensors["logits"], tensors["target"]
-        n = desc["num_samples"]
-        ok = (isinstance(doc, dict) and doc.get("format") == FORMAT
-              and doc.get("format_version") == FORMAT_VERSION
-              and doc.get("member_sha256") == member_sha
-              and doc.get("dataset_sha256") == dataset_sha and doc.get("dataset") == desc
-              and doc.get("dtype") == DTYPES.get(logits.dtype)
-              and tuple(logits.shape) == (n, doc.get("num_classes"))
-              and target.dtype == torch.int64 and tuple(target.shape) == (n,)
-              and doc.get("content_sha256") == _tensor_digest(logits, target)
-              and bool(torch.isfinite(logits).all()))
-    except Exception:  # noqa: BLE001  any unreadable or malformed file is a miss, rewritten later
-        return None
-    return (logits, target) if ok else None
+    n = desc["num_samples"]
+
+    def valid(doc, t):
+        logits, target = t["logits"], t["target"]
+        return (doc.get("format") == FORMAT and doc.get("format_version") == FORMAT_VERSION
+                and doc.get("member_sha256") == member_sha
+                and doc.get("dataset_sha256") == dataset_sha and doc.get("dataset") == desc
+                and doc.get("dtype") == DTYPES.get(logits.dtype)
+                and tuple(logits.shape) == (n, doc.get("num_classes"))
+                and target.dtype == torch.int64 and tuple(target.shape) == (n,)
+                and doc.get("content_sha256") == _tensor_digest(logits, target)
+                and bool(torch.isfinite(logits).all()))
+
+    tensors = _checked_entry(path, {"logits", "target"}, valid)
+    return None if tensors is None else (tensors["logits"], tensors["target"])
 
 
 def member_logits(member_path: str | os.PathLike, dataset: Dataset, dataset_desc: dict,

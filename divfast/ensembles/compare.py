@@ -77,12 +77,12 @@ def compare_ensembles(ensembles: Mapping[str, str | Sequence[str]],
     rules = _check_rules(rules)
     if num_samples is not None and (not _is_int(num_samples) or num_samples < 1):
         raise DivfastError(f"num_samples (--num-samples): expected an int >= 1, got {num_samples!r}")
+    index: dict[str, int] = {}  # real path -> position in `paths`, each member file once
     paths: list[str] = []
     for members in groups.values():
         for p in members:
-            if os.path.realpath(p) not in {os.path.realpath(q) for q in paths}:
+            if index.setdefault(os.path.realpath(p), len(paths)) == len(paths):
                 paths.append(p)
-    index = {os.path.realpath(p): i for i, p in enumerate(paths)}
     infos = [read_member_info(p) for p in paths]
     classes = {info.num_classes for info in infos}
     if len(classes) > 1:
