@@ -117,6 +117,35 @@ def test_large_class_count_uses_pruning_and_fallback(device, gen):
         assert_same(kernel(logits.to(device), target.to(device), subsets.to(device), rule), want)
 
 
+@pytest.mark.parametrize("rule", ["average", "geometric"])
+def test_summed_rules_near_ties_and_extreme_magnitudes(device, gen, rule):
+    """The CPU kernel ranks summed logits by a float32 filter with an exact float64 fallback for sums
+    within rounding of the target's: float64 classes 1 ulp (of float64) from the target's sum, exact
+    ties, values beyond float32's range (the exact scan) and subnormals must all match the float64
+    reference."""
+    pool, n, c = 5, 64, 37  # C not a multiple of 4 or 32
+    base = torch.randn(pool, n, c, generator=gen, dtype=torch.float64)
+    target = torch.randint(0, c, (n,), generator=gen)
+    rows = torch.arange(n)
+    z = base.clone()
+    others = (target + 1 + torch.arange(n) % (c - 1)) % c  # a class other than the target
+    z[:, rows, target] = 2.5
+    z[:, rows, others] = 2.5
+    nudge = torch.tensor([-1.0, 0.0, 1.0]).repeat(n // 3 + 1)[:n]  # below, tie, above the target
+    z[2, rows, others] += nudge * 2.0**-50  # one ulp of the sum 7.5, lost in float32
+    huge = z.clone()
+    huge[:, : n // 2] *= 1e200  # beyond float32: the exact scan of every class
+    tiny = z * 1e-310  # float64 subnormals: zero in float32, so every sum is within the band
+    tiny32 = (base * 1e-39).to(torch.float32)  # float32 subnormals
+    subsets = all_subsets(pool, 3)
+    for logits in (z, huge, tiny, tiny32, z.to(torch.float32)):
+        want = reference.ensemble_sweep(logits, target, subsets, rule)
+        assert_same(kernel(logits.to(device), target.to(device), subsets.to(device), rule), want)
+    top1, _, _ = kernel(z.to(device), target.to(device), subsets[:1].to(device), rule)
+    ties_won = int(((nudge < 0) | ((nudge == 0) & (target < others))).sum())
+    assert int(top1) == ties_won  # one class a hair above, level with or below the target's sum
+
+
 def test_histogram_and_shapes(device, gen):
     pool, n, c = 4, 50, 5
     logits = torch.randn(pool, n, c, generator=gen)

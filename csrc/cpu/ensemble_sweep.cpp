@@ -1,12 +1,17 @@
 // CPU kernel of divfast::ensemble_sweep: the top-1 / top-5 correct counts of every subset's consensus
 // and its histogram of correct members, in one pass over the samples.
 //
-// Work items are ranges of samples. For each sample, every member's row of C logits is read once: a
-// vectorised pass checks it is finite and finds the maximum of each block of 4 classes, and only the
-// blocks whose maximum beats the current sixth-best are scanned for the member's top classes and its
-// argmax. Each subset then ranks the target by the threshold algorithm over its members' top lists
-// (see sweep_range), gathering only the logits of the classes it meets; what the lists cannot settle
-// goes to a scan of the blocks whose bound (from the members' block maxima) reaches the target's key.
+// Work items are ranges of samples. Two paths:
+// - average and geometric (summed logits; sweep_range_sum): each sample's member rows are converted
+//   once to float32 with the maxima of blocks of 4 classes; every subset sums its members' block
+//   maxima 8 blocks per vector and sums the classes of only the blocks that reach the target's key,
+//   with an exact float64 decision for the sums within rounding of it (see sum_member below).
+// - vote and median (sweep_range): every member row is read once: a vectorised pass checks it is
+//   finite and finds the maximum of each block of 4 classes, and only the blocks whose maximum beats
+//   the current sixth-best are scanned for the member's top classes and its argmax. Each subset then
+//   ranks the target by the threshold algorithm over its members' top lists, gathering only the
+//   logits of the classes it meets; what the lists cannot settle goes to a scan of the blocks whose
+//   bound (from the members' block maxima) reaches the target's key.
 // Counts are int64 sums, so merging the ranges (in any order) is exact.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -17,6 +22,10 @@
 #include <cmath>
 #include <mutex>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "checks.h"
 #include "cpu/cpu_features.h"
@@ -309,6 +318,227 @@ void sweep_range(const scalar_t* z, const int64_t* target, const int64_t* subset
   }
 }
 
+// The summed-logits rules (average, geometric): a bounded scan per subset in float32.
+//
+// Every member row of a sample is converted once to float32 and cut into blocks of 4 classes taken a
+// stride apart (block b holds classes b, b + nb, b + 2 nb, b + 3 nb), so the block maxima of all
+// blocks are the elementwise maximum of four contiguous vectors. A subset sums its members' block
+// maxima 8 blocks at a time; only the blocks whose bound reaches the target's key (less tol) have
+// their classes summed. Float32 is a filter: a class sum above the target's by more than tol counts,
+// one below by more than tol does not, and the rare class in between is decided by the exact float64
+// keys of kernels::key_of, so the counts are exactly those of the reference. tol bounds the rounding
+// of the conversions and of the k additions on both sides: (2k^2 + 2k + 4) 2^-24 max|z|, plus a floor
+// for values float32 holds only as subnormals. A sample whose logits reach 1e30 in magnitude takes
+// the exact float64 scan of every class instead. nb, the number of blocks, is a multiple of 8, and
+// a member's float32 row holds 4 nb values, -inf past the last class.
+
+// One member's row: float32 copy, block maxima, first argmax (on the values as given), max |z|.
+// Returns false on NaN or infinity.
+template <typename scalar_t>
+inline __attribute__((always_inline)) bool sum_member_impl(const scalar_t* row, int64_t c_count, int64_t nb,
+                                                           float* fz, float* bm, int64_t* argmax,
+                                                           float* biggest) {
+  double check = 0.0, best = -INFINITY;
+  float big = 0.0f;
+#pragma omp simd reduction(+ : check) reduction(max : best, big)
+  for (int64_t x = 0; x < c_count; ++x) {
+    const double v = static_cast<double>(row[x]);
+    check += v * 0.0;  // NaN if v is NaN or infinite
+    best = std::max(best, v);
+    const float f = static_cast<float>(row[x]);
+    fz[x] = f;
+    big = std::max(big, std::fabs(f));
+  }
+  if (!(check == 0.0)) return false;
+  for (int64_t x = c_count; x < 4 * nb; ++x) fz[x] = -INFINITY;
+  int64_t first = 0;
+  while (static_cast<double>(row[first]) != best) ++first;
+  *argmax = first;
+  *biggest = std::max(*biggest, big);
+#pragma omp simd
+  for (int64_t b = 0; b < nb; ++b)
+    bm[b] = std::max(std::max(fz[b], fz[nb + b]), std::max(fz[2 * nb + b], fz[3 * nb + b]));
+  return true;
+}
+
+#if defined(__x86_64__)
+template <typename scalar_t>
+__attribute__((target("avx2,fma"))) bool sum_member_avx2(const scalar_t* row, int64_t c_count, int64_t nb,
+                                                          float* fz, float* bm, int64_t* argmax,
+                                                          float* biggest) {
+  return sum_member_impl(row, c_count, nb, fz, bm, argmax, biggest);
+}
+#endif
+
+template <typename scalar_t>
+bool sum_member(const scalar_t* row, int64_t c_count, int64_t nb, float* fz, float* bm, int64_t* argmax,
+                float* biggest) {
+#if defined(__x86_64__)
+  if (cpu_has_avx2_fma()) return sum_member_avx2(row, c_count, nb, fz, bm, argmax, biggest);
+#endif
+  return sum_member_impl(row, c_count, nb, fz, bm, argmax, biggest);
+}
+
+// What a class in the band [lo, hi] around the target's float32 key needs: the exact keys.
+template <typename scalar_t>
+struct ExactKeys {
+  const scalar_t* const* rows;  // the subset's original rows
+  int k;
+  int rule;
+  int64_t t;
+  SweepKey kt;
+  double* values;
+  double* scratch;
+  bool above(int64_t x) const {
+    for (int j = 0; j < k; ++j) values[j] = static_cast<double>(rows[j][x]);
+    return kernels::ranks_above(kernels::key_of(rule, values, k, 0, scratch), x, kt, t);
+  }
+};
+
+// The classes of block b of the subset whose float32 rows are zr: how many rank above the target.
+template <typename scalar_t>
+inline __attribute__((always_inline)) int sum_block(const float* const* zr, int k, int64_t nb, int64_t b,
+                                                    float lo, float hi, const ExactKeys<scalar_t>& exact) {
+  int above = 0;
+  for (int q = 0; q < 4; ++q) {
+    const int64_t x = q * nb + b;
+    float v = zr[0][x];
+    for (int j = 1; j < k; ++j) v = v + zr[j][x];
+    if (v > hi) {
+      above += x != exact.t;
+    } else if (v >= lo && x != exact.t) {
+      above += exact.above(x);
+    }
+  }
+  return above;
+}
+
+template <typename scalar_t>
+int sum_rank_scalar(const float* const* zr, const float* const* br, int k, int64_t nb, float lo, float hi,
+                    const ExactKeys<scalar_t>& exact) {
+  int above = 0;
+  for (int64_t b = 0; b < nb; ++b) {
+    float bound = br[0][b];
+    for (int j = 1; j < k; ++j) bound = bound + br[j][b];
+    if (!(bound >= lo)) continue;
+    above += sum_block(zr, k, nb, b, lo, hi, exact);
+    if (above >= kCap) return kCap;
+  }
+  return above;
+}
+
+#if defined(__x86_64__)
+// The AVX2 scan, 8 blocks at a time; K > 0 fixes k at compile time (0: k at run time). When any of the
+// 8 blocks passes, all 32 of their classes are summed as four contiguous vectors (no branch per block).
+template <int K, typename scalar_t>
+__attribute__((target("avx2,fma"))) int sum_rank_avx2(const float* const* zr, const float* const* br, int k,
+                                                       int64_t nb, float lo, float hi,
+                                                       const ExactKeys<scalar_t>& exact) {
+  const int kk = K > 0 ? K : k;
+  const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
+  int above = 0;
+  for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+    __m256 bound = _mm256_loadu_ps(br[0] + b0);
+    for (int j = 1; j < kk; ++j) bound = _mm256_add_ps(bound, _mm256_loadu_ps(br[j] + b0));
+    if (!_mm256_movemask_ps(_mm256_cmp_ps(bound, vlo, _CMP_GE_OQ))) continue;
+    for (int64_t x0 = b0; x0 < 4 * nb; x0 += nb) {  // classes x0 .. x0 + 7: one of each block
+      __m256 v = _mm256_loadu_ps(zr[0] + x0);
+      for (int j = 1; j < kk; ++j) v = _mm256_add_ps(v, _mm256_loadu_ps(zr[j] + x0));
+      const unsigned gt = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(v, vhi, _CMP_GT_OQ)));
+      unsigned near = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(v, vlo, _CMP_GE_OQ))) & ~gt;
+      above += __builtin_popcount(gt);  // never the target: its own sum is the key, not above hi
+      while (near) {
+        const int64_t x = x0 + __builtin_ctz(near);
+        above += x != exact.t && exact.above(x);
+        near &= near - 1;
+      }
+    }
+    if (above >= kCap) return kCap;
+  }
+  return above;
+}
+#endif
+
+// The target's rank (capped at kCap) from the exact float64 keys of every class: samples whose logits
+// are too large for the float32 filter.
+template <typename scalar_t>
+int exact_rank(int64_t c_count, const ExactKeys<scalar_t>& exact) {
+  int above = 0;
+  for (int64_t x = 0; x < c_count && above < kCap; ++x) above += x != exact.t && exact.above(x);
+  return above;
+}
+
+template <typename scalar_t>
+void sweep_range_sum(const scalar_t* z, const int64_t* target, const int64_t* subsets, int64_t pool,
+                     int64_t n_count, int64_t c_count, int64_t s_count, int k, int rule, int64_t n0,
+                     int64_t n1, SweepOut out, bool* finite, bool* target_ok) {
+  const int64_t nb = ((c_count + 3) / 4 + 7) / 8 * 8;
+  std::vector<float> rows(pool * 4 * nb), maxima(pool * nb);
+  std::vector<int64_t> argmax(pool);
+  std::vector<double> values(k), scratch(k);
+  std::vector<const float*> zr(k), br(k);
+  std::vector<const scalar_t*> orig(k);
+  const double u = std::ldexp(1.0, -24);
+#if defined(__x86_64__)
+  const bool avx2 = cpu_has_avx2_fma();
+#endif
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t t = target[n];
+    float biggest = 0.0f;
+    for (int64_t i = 0; i < pool; ++i) {
+      const scalar_t* row = z + (i * n_count + n) * c_count;
+      if (!sum_member(row, c_count, nb, &rows[i * 4 * nb], &maxima[i * nb], &argmax[i], &biggest)) {
+        *finite = false;
+        return;
+      }
+    }
+    if (t < 0 || t >= c_count) {  // after the rows: NaN is reported before a bad label
+      *target_ok = false;
+      continue;
+    }
+    const bool filter = biggest < 1e30f;
+    const float tol = static_cast<float>((2.0 * k * k + 2.0 * k + 4.0) * u * biggest +
+                                         k * std::ldexp(1.0, -120));
+    for (int64_t s = 0; s < s_count; ++s) {
+      const int64_t* m = subsets + s * k;
+      int n_correct = 0;
+      for (int j = 0; j < k; ++j) {
+        n_correct += argmax[m[j]] == t;
+        orig[j] = z + (m[j] * n_count + n) * c_count;
+        values[j] = static_cast<double>(orig[j][t]);
+      }
+      ++out.hist[s * (k + 1) + n_correct];
+      const ExactKeys<scalar_t> exact{orig.data(), k, rule, t,
+                                      kernels::key_of(rule, values.data(), k, 0, scratch.data()),
+                                      values.data(), scratch.data()};
+      int above;
+      if (filter) {
+        float kt = rows[m[0] * 4 * nb + t];
+        for (int j = 0; j < k; ++j) {
+          zr[j] = &rows[m[j] * 4 * nb];
+          br[j] = &maxima[m[j] * nb];
+          if (j > 0) kt = kt + zr[j][t];
+        }
+        const float lo = kt - tol, hi = kt + tol;
+#if defined(__x86_64__)
+        if (avx2 && k == 3)
+          above = sum_rank_avx2<3>(zr.data(), br.data(), k, nb, lo, hi, exact);
+        else if (avx2 && k == 2)
+          above = sum_rank_avx2<2>(zr.data(), br.data(), k, nb, lo, hi, exact);
+        else if (avx2)
+          above = sum_rank_avx2<0>(zr.data(), br.data(), k, nb, lo, hi, exact);
+        else
+#endif
+          above = sum_rank_scalar(zr.data(), br.data(), k, nb, lo, hi, exact);
+      } else {
+        above = exact_rank(c_count, exact);
+      }
+      out.top1[s] += above == 0;
+      out.top5[s] += above < kCap;
+    }
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ensemble_sweep_cpu(const at::Tensor& logits,
                                                                   const at::Tensor& target,
                                                                   const at::Tensor& subsets,
@@ -329,9 +559,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ensemble_sweep_cpu(const at::Tens
         std::vector<int64_t> local(s_count * (k + 3), 0);
         SweepOut part{local.data(), local.data() + s_count, local.data() + 2 * s_count};
         bool part_finite = true, part_target = true;
-        sweep_range<scalar_t>(z.const_data_ptr<scalar_t>(), y.const_data_ptr<int64_t>(),
-                              sub.const_data_ptr<int64_t>(), pool, n_count, c_count, s_count,
-                              static_cast<int>(k), code, n0, n1, part, &part_finite, &part_target);
+        const bool sum_rule = code == kernels::kRuleAverage || code == kernels::kRuleGeometric;
+        (sum_rule ? sweep_range_sum<scalar_t> : sweep_range<scalar_t>)(
+            z.const_data_ptr<scalar_t>(), y.const_data_ptr<int64_t>(), sub.const_data_ptr<int64_t>(), pool,
+            n_count, c_count, s_count, static_cast<int>(k), code, n0, n1, part, &part_finite, &part_target);
         const std::lock_guard<std::mutex> guard(lock);  // int64 sums: the order does not matter
         int64_t* t1 = top1.data_ptr<int64_t>();
         int64_t* t5 = top5.data_ptr<int64_t>();

@@ -12,7 +12,9 @@
 //
 // Pruning (exact, cpu/ensemble_sweep.cpp): each key is non-decreasing in every z_i and float rounding
 // is monotone, so the key of the members' d-th largest values bounds every class below depth d of all
-// their sorted lists, and the key of their block maxima bounds every class of a block.
+// their sorted lists, and the key of their block maxima bounds every class of a block. The summed
+// rules bound and compare in float32 and decide the sums within a proven rounding bound of the
+// target's by these float64 keys.
 #pragma once
 
 #include <cstdint>
