@@ -3,10 +3,24 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/cpu_features.h"
+
+namespace {
+// divfast._C.cpu_path(): "avx2" when the CPU kernels take their AVX2 + FMA paths, else "portable"
+// (no AVX2, or DIVFAST_CPU_BASELINE set).
+PyObject* cpu_path(PyObject*, PyObject*) {
+  return PyUnicode_FromString(divfast::cpu_has_avx2_fma() ? "avx2" : "portable");
+}
+
+PyMethodDef methods[] = {
+    {"cpu_path", cpu_path, METH_NOARGS, "The CPU kernels' code path: 'avx2' or 'portable'."},
+    {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+
 extern "C" {
 // Importing divfast._C loads this library, which runs the TORCH_LIBRARY registrations below.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

@@ -20,6 +20,11 @@ def collect_info() -> dict:
     kernels = {op: {"cpu": _load.has_kernel(op, "CPU"), "cuda": _load.has_kernel(op, "CUDA")}
                for op in _load.OPS}
     cuda = torch.cuda.is_available()
+    cpu_path = None
+    if loaded:
+        from divfast import _C
+
+        cpu_path = _C.cpu_path()  # "avx2" or "portable" (no AVX2, or DIVFAST_CPU_BASELINE set)
     return {
         "divfast": divfast.__version__,
         "torch": torch.__version__,
@@ -28,6 +33,7 @@ def collect_info() -> dict:
         "extension_error": _load.load_error(),
         "built": built,
         "kernels": kernels,
+        "cpu_path": cpu_path,
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "cuda_available": cuda,
         "cpu_threads": torch.get_num_threads(),

@@ -1,0 +1,76 @@
+"""The CPU kernels' portable paths (taken on CPUs without AVX2 + FMA) against the references.
+
+The machines that run the suite have AVX2, so every other op test exercises the AVX2 paths; here a
+child process with ``DIVFAST_CPU_BASELINE=1`` (read once per process by csrc/cpu/cpu_features.h)
+checks that it really took the portable paths and that every kernel still equals its reference.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import divfast._ops._load as load
+
+CHILD = textwrap.dedent("""
+    import itertools
+    import torch
+    import divfast._ops._load as load
+    from divfast import _C
+    from divfast._ops import reference
+
+    assert load.load_extension(), load.load_error()
+    assert _C.cpu_path() == "portable", _C.cpu_path()
+    ops = torch.ops.divfast
+    gen = torch.Generator().manual_seed(7)
+
+    def same(got, want, exact=True):
+        for g, w in zip(got, want):
+            if exact:
+                assert torch.equal(g, w), (g, w)
+            else:
+                torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+
+    for m, b, c in [(3, 37, 5), (5, 130, 11), (2, 0, 3)]:
+        z = torch.randn(m, b, c, generator=gen)
+        t = torch.randint(0, c, (b,), generator=gen)
+        same(ops.pair_counts(z, t), reference.pair_counts(z, t))
+
+    for m, shape in [(3, (9, 3, 7, 5)), (14, (4, 3, 16, 16)), (1, (2, 1, 3, 3))]:
+        a = torch.randn(m, *shape, generator=gen)
+        for normalize in ("none", "l2"):
+            want = reference.attribution_stats(a.double(), True, normalize, 0)
+            got = ops.attribution_stats(a, True, normalize, 0)
+            torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-4)
+
+    x = torch.randn(5, 9, 13, generator=gen, dtype=torch.float64)
+    grams = x @ x.transpose(1, 2)
+    torch.testing.assert_close(ops.hsic(grams), reference.hsic(grams), rtol=1e-10, atol=1e-10)
+
+    for pool, n, c in [(6, 90, 37), (5, 40, 1000)]:
+        z = torch.randn(pool, n, c, generator=gen)
+        t = torch.randint(0, c, (n,), generator=gen)
+        z[:, torch.arange(n), t] += torch.linspace(0, 4, n)
+        near = z.double()
+        near[2, :, (t + 1) % c] = near[2, torch.arange(n), t] + 2.0**-40  # within float32's band
+        for k in (1, 2, 3, 4):
+            subsets = torch.tensor(list(itertools.combinations(range(pool), k)))
+            for rule in ("average", "vote", "median", "geometric"):
+                for logits in (z, near):
+                    same(ops.ensemble_sweep(logits, t, subsets, rule),
+                         reference.ensemble_sweep(logits, t, subsets, rule))
+    print("portable ok")
+""")
+
+
+def test_portable_cpu_paths_equal_the_references():
+    assert load.load_extension(), f"divfast._C is not loaded: {load.load_error()}"
+    from divfast import _C
+
+    assert _C.cpu_path() in ("avx2", "portable")
+    env = dict(os.environ, DIVFAST_CPU_BASELINE="1")
+    done = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "portable ok" in done.stdout
