@@ -3,12 +3,14 @@
 // whose norms come first).
 //
 // Work items are (sample, chunk of pixels). An item streams its chunk in blocks of kBlock pixels: the
-// M members' blocks are converted (|.|, times 1/norm) into a small L1-resident buffer, centred per
-// pixel, and every member pair's dot product over the block is formed in the accumulation type (float
-// for 16/32-bit maps, double for float64) in register tiles, then added to the item's float64 sums.
-// Centring first makes the variance a sum of squares (no cancellation between large Gram entries),
-// so members that differ by 1e-4 of their values still get an accurate diversity. Sums per item are
-// reduced in a fixed order, so results do not depend on the thread count.
+// M members' blocks are converted (|.|, times 1/norm) into a small L1-resident buffer as differences
+// from member 0's value at each pixel, and every pair of those M - 1 rows' dot product over the block
+// is formed in the accumulation type (float for 16/32-bit maps, double for float64) in register
+// tiles, then added to the item's float64 sums; each sample's sums are then centred on the members'
+// mean in float64 (centre_products). Shifting first makes the products those of differences (no
+// cancellation between large Gram entries), so members that differ by 1e-4 of their values still get
+// an accurate diversity. Sums per item are reduced in a fixed order, so results do not depend on the
+// thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -116,10 +118,10 @@ DIVFAST_INLINE acc_t dot1(const acc_t* a, const acc_t* b, int64_t n) {
   return s;
 }
 
-// Adds the products of every member pair over buf (M rows of n values, row stride kBlock) to raw
-// (M x M, upper triangle).
+// Adds the products of every pair of buf's m rows (n values each, row stride kBlock) to raw (upper
+// triangle, row stride ld).
 template <typename acc_t>
-DIVFAST_INLINE void add_block_products(const acc_t* buf, int64_t m, int64_t n, double* raw) {
+DIVFAST_INLINE void add_block_products(const acc_t* buf, int64_t m, int64_t n, double* raw, int64_t ld) {
   acc_t d[4];
   int64_t i = 0;
   for (; i + 1 < m; i += 2) {
@@ -128,17 +130,17 @@ DIVFAST_INLINE void add_block_products(const acc_t* buf, int64_t m, int64_t n, d
     int64_t j = i;
     for (; j + 1 < m; j += 2) {
       dot2x2(xi, xi1, buf + j * kBlock, buf + (j + 1) * kBlock, n, d);
-      raw[i * m + j] += d[0];
-      raw[i * m + j + 1] += d[1];
-      if (j > i) raw[(i + 1) * m + j] += d[2];  // on the diagonal block this is (i+1, i): skip
-      raw[(i + 1) * m + j + 1] += d[3];
+      raw[i * ld + j] += d[0];
+      raw[i * ld + j + 1] += d[1];
+      if (j > i) raw[(i + 1) * ld + j] += d[2];  // on the diagonal block this is (i+1, i): skip
+      raw[(i + 1) * ld + j + 1] += d[3];
     }
-    if (j < m) {  // odd M: the last column
-      raw[i * m + j] += dot1(xi, buf + j * kBlock, n);
-      raw[(i + 1) * m + j] += dot1(xi1, buf + j * kBlock, n);
+    if (j < m) {  // odd m: the last column
+      raw[i * ld + j] += dot1(xi, buf + j * kBlock, n);
+      raw[(i + 1) * ld + j] += dot1(xi1, buf + j * kBlock, n);
     }
   }
-  if (i < m) raw[i * m + i] += dot1(buf + i * kBlock, buf + i * kBlock, n);
+  if (i < m) raw[i * ld + i] += dot1(buf + i * kBlock, buf + i * kBlock, n);
 }
 
 #if defined(__x86_64__)
@@ -153,7 +155,7 @@ __attribute__((target("avx2"), always_inline)) inline float hsum8(__m256 v) {
 // accumulators and R + C row vectors stay in registers (at most 9 + 6 of AVX2's 16).
 template <int R, int C>
 __attribute__((target("avx2,fma"), always_inline)) inline void tile_f32_avx2(
-    const float* buf, int64_t m, int64_t nvec, int64_t i0, int64_t j0, double* raw) {
+    const float* buf, int64_t ld, int64_t nvec, int64_t i0, int64_t j0, double* raw) {
   __m256 acc[R][C];
 #pragma GCC unroll 3
   for (int di = 0; di < R; ++di)
@@ -174,84 +176,85 @@ __attribute__((target("avx2,fma"), always_inline)) inline void tile_f32_avx2(
   for (int di = 0; di < R; ++di)
 #pragma GCC unroll 3
     for (int dj = 0; dj < C; ++dj)
-      if (i0 + di <= j0 + dj) raw[(i0 + di) * m + j0 + dj] += hsum8(acc[di][dj]);
+      if (i0 + di <= j0 + dj) raw[(i0 + di) * ld + j0 + dj] += hsum8(acc[di][dj]);
 }
 
-// The float path's hot loop: products of every member pair over one block (M rows of nvec * 8
-// floats, zero-padded, row stride kBlock) added to raw (upper triangle, float64), in 3 x 3 tiles of
-// pairs: 9 FMAs per 6 loads, so the loop runs at the FMA units' rate rather than the loads'. Tiles
-// at the edge of the triangle are 3 x 2, 2 x 1, ... of the same kind.
+// The float path's hot loop: products of every pair of buf's m rows over one block (nvec * 8 floats
+// each, zero-padded, row stride kBlock) added to raw (upper triangle, float64, row stride ld), in
+// 3 x 3 tiles of pairs: 9 FMAs per 6 loads, so the loop runs at the FMA units' rate rather than the
+// loads'. Tiles at the edge of the triangle are 3 x 2, 2 x 1, ... of the same kind.
 __attribute__((target("avx2,fma"))) void gram_block_f32_avx2(const float* buf, int64_t m, int64_t nvec,
-                                                             double* raw) {
+                                                             double* raw, int64_t ld) {
   for (int64_t i0 = 0; i0 < m; i0 += 3) {
     const int64_t rows = std::min<int64_t>(3, m - i0);
     for (int64_t j0 = i0; j0 < m; j0 += 3) {
       const int64_t cols = std::min<int64_t>(3, m - j0);
       switch (rows * 4 + cols) {
-        case 15: tile_f32_avx2<3, 3>(buf, m, nvec, i0, j0, raw); break;
-        case 14: tile_f32_avx2<3, 2>(buf, m, nvec, i0, j0, raw); break;
-        case 13: tile_f32_avx2<3, 1>(buf, m, nvec, i0, j0, raw); break;
-        case 11: tile_f32_avx2<2, 3>(buf, m, nvec, i0, j0, raw); break;
-        case 10: tile_f32_avx2<2, 2>(buf, m, nvec, i0, j0, raw); break;
-        case 9: tile_f32_avx2<2, 1>(buf, m, nvec, i0, j0, raw); break;
-        case 7: tile_f32_avx2<1, 3>(buf, m, nvec, i0, j0, raw); break;
-        case 6: tile_f32_avx2<1, 2>(buf, m, nvec, i0, j0, raw); break;
-        default: tile_f32_avx2<1, 1>(buf, m, nvec, i0, j0, raw); break;
+        case 15: tile_f32_avx2<3, 3>(buf, ld, nvec, i0, j0, raw); break;
+        case 14: tile_f32_avx2<3, 2>(buf, ld, nvec, i0, j0, raw); break;
+        case 13: tile_f32_avx2<3, 1>(buf, ld, nvec, i0, j0, raw); break;
+        case 11: tile_f32_avx2<2, 3>(buf, ld, nvec, i0, j0, raw); break;
+        case 10: tile_f32_avx2<2, 2>(buf, ld, nvec, i0, j0, raw); break;
+        case 9: tile_f32_avx2<2, 1>(buf, ld, nvec, i0, j0, raw); break;
+        case 7: tile_f32_avx2<1, 3>(buf, ld, nvec, i0, j0, raw); break;
+        case 6: tile_f32_avx2<1, 2>(buf, ld, nvec, i0, j0, raw); break;
+        default: tile_f32_avx2<1, 1>(buf, ld, nvec, i0, j0, raw); break;
       }
     }
   }
 }
 #endif
 
-// One work item: pixels [lo, hi) of sample s into its own centred products r (M x M, upper
-// triangle). inv: 1 / norm of each member's map for this sample. Returns whether a NaN or an infinity
-// was seen.
+// One work item: pixels [lo, hi) of sample s into its own products r (M x M, upper triangle) of the
+// maps shifted at each pixel by member 0's value: row and column 0 stay 0, and rows 1..M-1 hold
+// (x_i - x_0)(x_j - x_0). finish_centring turns the sample's sums into the products centred on the
+// members' mean (a per-pixel shift common to all members changes no variance). Against centring on
+// the mean this skips a pass over the block and a thirteenth of the products at M = 14 (half at
+// M = 3); the shifted values are still differences, so near-equal members keep their small variance.
+// inv: 1 / norm of each member's map for this sample. Returns whether a NaN or an infinity was seen.
 template <typename scalar_t, typename acc_t, bool kAvx2>
 DIVFAST_INLINE bool item_impl(const scalar_t* x, int64_t m, int64_t b, int64_t d, int64_t s, int64_t lo,
                               int64_t hi, bool take_abs, const acc_t* inv, acc_t* buf, double* r) {
   bool bad = false;
-  acc_t* mean = buf + m * kBlock;
-  const acc_t inv_m = acc_t(1) / static_cast<acc_t>(m);
+  acc_t* base = buf + m * kBlock;  // member 0's scaled values
   for (int64_t p0 = lo; p0 < hi; p0 += kBlock) {
     const int64_t n = std::min(kBlock, hi - p0);
     const int64_t padded = (n + 7) / 8 * 8;  // whole vectors for the tiles
-    // Pass 1 over the block: the members' mean at each pixel (and sum |a|, the finiteness check).
-    for (int64_t k = 0; k < padded; ++k) mean[k] = 0;
+    const int64_t ahead = std::min(kBlock, hi - p0 - n);
     for (int64_t i = 0; i < m; ++i) {
       const scalar_t* src = x + (i * b + s) * d + p0;
-      const acc_t scale = inv[i] * inv_m;
+      acc_t* dst = i == 0 ? base : buf + (i - 1) * kBlock;
+      const acc_t scale = inv[i];
       acc_t check = 0;  // v * 0 is NaN exactly for a NaN or an infinity: no false alarm on large values
+      if (i == 0) {
 #pragma omp simd reduction(+ : check)
-      for (int64_t k = 0; k < n; ++k) {
-        const acc_t v = static_cast<acc_t>(src[k]);
-        check += v * acc_t(0);
-        mean[k] += (take_abs ? std::abs(v) : v) * scale;
+        for (int64_t k = 0; k < n; ++k) {
+          const acc_t v = static_cast<acc_t>(src[k]);
+          check += v * acc_t(0);
+          dst[k] = (take_abs ? std::abs(v) : v) * scale;
+        }
+      } else {
+#pragma omp simd reduction(+ : check)
+        for (int64_t k = 0; k < n; ++k) {
+          const acc_t v = static_cast<acc_t>(src[k]);
+          check += v * acc_t(0);
+          dst[k] = (take_abs ? std::abs(v) : v) * scale - base[k];
+        }
+        for (int64_t k = n; k < padded; ++k) dst[k] = 0;
       }
       bad |= check != check;
       // M rows far apart in memory outrun the hardware prefetcher: ask for the next block now.
-      const int64_t ahead = std::min(kBlock, hi - p0 - n);
       for (int64_t k = 0; k < ahead; k += 64 / static_cast<int64_t>(sizeof(scalar_t)))
         __builtin_prefetch(src + n + k);
     }
-    // Pass 2, rereading the block from cache: each member's values centred on that mean.
-    for (int64_t i = 0; i < m; ++i) {
-      const scalar_t* src = x + (i * b + s) * d + p0;
-      acc_t* dst = buf + i * kBlock;
-      const acc_t scale = inv[i];
-#pragma omp simd
-      for (int64_t k = 0; k < n; ++k) {
-        const acc_t v = static_cast<acc_t>(src[k]);
-        dst[k] = (take_abs ? std::abs(v) : v) * scale - mean[k];
-      }
-      for (int64_t k = n; k < padded; ++k) dst[k] = 0;
-    }
+    if (m < 2) continue;
 #if defined(__x86_64__)
     if constexpr (kAvx2 && std::is_same_v<acc_t, float>) {
-      gram_block_f32_avx2(buf, m, padded / 8, r);
+      gram_block_f32_avx2(buf, m - 1, padded / 8, r + m + 1, m);
       continue;
     }
 #endif
-    add_block_products(buf, m, n, r);
+    add_block_products(buf, m - 1, n, r + m + 1, m);
   }
   return bad;
 }
@@ -274,6 +277,22 @@ bool item(DIVFAST_ITEM_ARGS(scalar_t, acc_t)) {
   if (cpu_has_avx2_fma()) return item_avx2<scalar_t, acc_t>(DIVFAST_ITEM_CALL);
 #endif
   return item_impl<scalar_t, acc_t, false>(DIVFAST_ITEM_CALL);
+}
+
+// H (M x M, symmetric): sums over pixels of products of the maps shifted by a per-pixel value common
+// to all members (here member 0's). In place, the products centred on the members' mean instead:
+// with P = I - 11'/M, P H P, i.e. H_ij - mean_i - mean_j + mean, in float64.
+void centre_products(double* h, int64_t m) {
+  std::vector<double> row(m, 0.0);
+  double all = 0.0;
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < m; ++j) row[i] += h[i * m + j];
+    row[i] /= static_cast<double>(m);
+    all += row[i];
+  }
+  all /= static_cast<double>(m);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < m; ++j) h[i * m + j] = h[i * m + j] - row[i] - row[j] + all;
 }
 
 template <typename scalar_t>
@@ -305,6 +324,7 @@ void attribution_stats_kernel(const scalar_t* x, int64_t m, int64_t b, int64_t d
     }
     for (int64_t i = 0; i < m; ++i)  // mirror the upper triangle
       for (int64_t j = 0; j < i; ++j) out[i * m + j] = out[j * m + i];
+    centre_products(out, m);
   }
 }
 
