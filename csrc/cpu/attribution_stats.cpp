@@ -91,6 +91,10 @@ namespace {
 
 constexpr int64_t kBlock = 256;   // pixels per block: M * kBlock values stay in L1
 constexpr int64_t kChunk = 8192;  // pixels per work item
+#ifndef DIVFAST_PREFETCH_BLOCKS
+#define DIVFAST_PREFETCH_BLOCKS 2
+#endif
+constexpr int64_t kPrefetchBlocks = DIVFAST_PREFETCH_BLOCKS;  // blocks between a prefetch and its use
 
 #define DIVFAST_INLINE inline __attribute__((always_inline))
 
@@ -211,41 +215,41 @@ __attribute__((target("avx2,fma"))) void gram_block_f32_avx2(const float* buf, i
 // members' mean (a per-pixel shift common to all members changes no variance). Against centring on
 // the mean this skips a pass over the block and a thirteenth of the products at M = 14 (half at
 // M = 3); the shifted values are still differences, so near-equal members keep their small variance.
-// inv: 1 / norm of each member's map for this sample. Returns whether a NaN or an infinity was seen.
+// inv: 1 / norm of each member's map for this sample. No finiteness check per value (a loop-carried
+// sum that capped the pass at one vector per add latency): a NaN or an infinity in the maps makes
+// some shifted value non-finite and so its own product, which attribution_stats_cpu looks for.
 template <typename scalar_t, typename acc_t, bool kAvx2>
-DIVFAST_INLINE bool item_impl(const scalar_t* x, int64_t m, int64_t b, int64_t d, int64_t s, int64_t lo,
+DIVFAST_INLINE void item_impl(const scalar_t* x, int64_t m, int64_t b, int64_t d, int64_t s, int64_t lo,
                               int64_t hi, bool take_abs, const acc_t* inv, acc_t* buf, double* r) {
-  bool bad = false;
   acc_t* base = buf + m * kBlock;  // member 0's scaled values
   for (int64_t p0 = lo; p0 < hi; p0 += kBlock) {
     const int64_t n = std::min(kBlock, hi - p0);
     const int64_t padded = (n + 7) / 8 * 8;  // whole vectors for the tiles
-    const int64_t ahead = std::min(kBlock, hi - p0 - n);
+    // Prefetch window: the block kPrefetchBlocks ahead (at an item's first block, every block up to it).
+    const int64_t far = kPrefetchBlocks * kBlock;
+    const int64_t from = p0 == lo ? n : far, to = std::min(far + kBlock, hi - p0);
     for (int64_t i = 0; i < m; ++i) {
       const scalar_t* src = x + (i * b + s) * d + p0;
       acc_t* dst = i == 0 ? base : buf + (i - 1) * kBlock;
       const acc_t scale = inv[i];
-      acc_t check = 0;  // v * 0 is NaN exactly for a NaN or an infinity: no false alarm on large values
       if (i == 0) {
-#pragma omp simd reduction(+ : check)
+#pragma omp simd
         for (int64_t k = 0; k < n; ++k) {
           const acc_t v = static_cast<acc_t>(src[k]);
-          check += v * acc_t(0);
           dst[k] = (take_abs ? std::abs(v) : v) * scale;
         }
       } else {
-#pragma omp simd reduction(+ : check)
+#pragma omp simd
         for (int64_t k = 0; k < n; ++k) {
           const acc_t v = static_cast<acc_t>(src[k]);
-          check += v * acc_t(0);
           dst[k] = (take_abs ? std::abs(v) : v) * scale - base[k];
         }
         for (int64_t k = n; k < padded; ++k) dst[k] = 0;
       }
-      bad |= check != check;
-      // M rows far apart in memory outrun the hardware prefetcher: ask for the next block now.
-      for (int64_t k = 0; k < ahead; k += 64 / static_cast<int64_t>(sizeof(scalar_t)))
-        __builtin_prefetch(src + n + k);
+      // M rows far apart in memory outrun the hardware prefetcher: ask for a later block now, far
+      // enough ahead that it arrives while this block's products run.
+      for (int64_t k = from; k < to; k += 64 / static_cast<int64_t>(sizeof(scalar_t)))
+        __builtin_prefetch(src + k, 0, 2);
     }
     if (m < 2) continue;
 #if defined(__x86_64__)
@@ -256,7 +260,6 @@ DIVFAST_INLINE bool item_impl(const scalar_t* x, int64_t m, int64_t b, int64_t d
 #endif
     add_block_products(buf, m - 1, n, r + m + 1, m);
   }
-  return bad;
 }
 
 #define DIVFAST_ITEM_ARGS(scalar_t, acc_t)                                                        \
@@ -266,17 +269,17 @@ DIVFAST_INLINE bool item_impl(const scalar_t* x, int64_t m, int64_t b, int64_t d
 
 #if defined(__x86_64__)
 template <typename scalar_t, typename acc_t>
-__attribute__((target("avx2,fma"))) bool item_avx2(DIVFAST_ITEM_ARGS(scalar_t, acc_t)) {
-  return item_impl<scalar_t, acc_t, true>(DIVFAST_ITEM_CALL);
+__attribute__((target("avx2,fma"))) void item_avx2(DIVFAST_ITEM_ARGS(scalar_t, acc_t)) {
+  item_impl<scalar_t, acc_t, true>(DIVFAST_ITEM_CALL);
 }
 #endif
 
 template <typename scalar_t, typename acc_t>
-bool item(DIVFAST_ITEM_ARGS(scalar_t, acc_t)) {
+void item(DIVFAST_ITEM_ARGS(scalar_t, acc_t)) {
 #if defined(__x86_64__)
   if (cpu_has_avx2_fma()) return item_avx2<scalar_t, acc_t>(DIVFAST_ITEM_CALL);
 #endif
-  return item_impl<scalar_t, acc_t, false>(DIVFAST_ITEM_CALL);
+  item_impl<scalar_t, acc_t, false>(DIVFAST_ITEM_CALL);
 }
 
 // H (M x M, symmetric): sums over pixels of products of the maps shifted by a per-pixel value common
@@ -297,7 +300,7 @@ void centre_products(double* h, int64_t m) {
 
 template <typename scalar_t>
 void attribution_stats_kernel(const scalar_t* x, int64_t m, int64_t b, int64_t d, bool take_abs,
-                              const double* inv_norms, double* centred, bool* nonfinite) {
+                              const double* inv_norms, double* centred) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t chunks = std::max<int64_t>(1, (d + kChunk - 1) / kChunk);
   const int64_t items = b * chunks;
@@ -305,14 +308,13 @@ void attribution_stats_kernel(const scalar_t* x, int64_t m, int64_t b, int64_t d
   for (int64_t k = 0; k < b * m; ++k) inv[k] = static_cast<acc_t>(inv_norms[k]);
   // Per item: M*M products, reduced per sample afterwards in chunk order.
   std::vector<double> part(items * m * m, 0.0);
-  std::vector<char> part_bad(items, 0);
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf((m + 1) * kBlock);  // M rows and the per-pixel mean
+    std::vector<acc_t> buf((m + 1) * kBlock);  // M - 1 shifted rows and member 0's values
     for (int64_t it = begin; it < end; ++it) {
       const int64_t s = it / chunks, c = it % chunks;
       const int64_t lo = c * kChunk, hi = std::min(d, lo + kChunk);
-      part_bad[it] = item<scalar_t, acc_t>(x, m, b, d, s, lo, hi, take_abs, inv.data() + s * m,
-                                           buf.data(), part.data() + it * m * m);
+      item<scalar_t, acc_t>(x, m, b, d, s, lo, hi, take_abs, inv.data() + s * m, buf.data(),
+                            part.data() + it * m * m);
     }
   });
   for (int64_t s = 0; s < b; ++s) {
@@ -320,7 +322,6 @@ void attribution_stats_kernel(const scalar_t* x, int64_t m, int64_t b, int64_t d
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t it = s * chunks + c;
       for (int64_t k = 0; k < m * m; ++k) out[k] += part[it * m * m + k];
-      *nonfinite |= part_bad[it] != 0;
     }
     for (int64_t i = 0; i < m; ++i)  // mirror the upper triangle
       for (int64_t j = 0; j < i; ++j) out[i * m + j] = out[j * m + i];
@@ -335,16 +336,18 @@ std::tuple<at::Tensor, at::Tensor> attribution_stats_cpu(const at::Tensor& attri
   const int64_t d = b == 0 ? 0 : attributions.numel() / (m * b);
   const at::Tensor x = attributions.contiguous();
   at::Tensor centred = at::zeros({b, m, m}, x.options().dtype(at::kDouble));
-  bool nonfinite = false;
   if (b > 0 && d > 0) {
     const at::Tensor inv = inverse_map_norms(x.view({m, b, d}), code);  // (B, M) float64
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "attribution_stats_cpu", [&] {
       attribution_stats_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), m, b, d, abs,
-                                         inv.const_data_ptr<double>(), centred.data_ptr<double>(),
-                                         &nonfinite);
+                                         inv.const_data_ptr<double>(), centred.data_ptr<double>());
     });
+    // A NaN or an infinity in the maps leaves a non-finite product (a lone member has none: look).
+    // Only then is the input read again, to tell bad maps from products that overflow float32.
+    if (m == 1 || !centred.isfinite().all().item<bool>())
+      TORCH_CHECK_VALUE(x.isfinite().all().item<bool>(),
+                        "attribution_stats: `attributions` contain NaN or infinity");
   }
-  TORCH_CHECK_VALUE(!nonfinite, "attribution_stats: `attributions` contain NaN or infinity");
   return finish_attribution_stats(centred, ddof);
 }
 
