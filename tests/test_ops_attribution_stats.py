@@ -176,12 +176,19 @@ def test_backward_matches_reference_autograd(device, gen):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_maps_are_an_error(device, gen, bad):
-    a = maps(gen, 3, 2, 3, 9, 9, device=device)
-    a[1, 1, 2, 8, 3] = bad
-    with pytest.raises(ValueError, match="attributions.*NaN or infinity"):
-        kernel(a, True, "none", 0)
-    with pytest.raises(ValueError, match="attributions.*NaN or infinity"):
-        reference.attribution_stats(a, True, "none", 0)
+    """The CPU kernel finds bad values through the products of the maps shifted by member 0's: a bad
+    value in member 0, in another member, at the same pixel of every member, or in a lone member."""
+    places = [(1, 1, 2, 8, 3), (0, 0, 0, 0, 0), (0, 1, 1, 4, 4)]
+    for m, where in [(3, places[:1]), (3, places[1:2]), (3, [(i, 1, 1, 4, 4) for i in range(3)]),
+                     (1, places[2:]), (2, places[1:2])]:
+        a = maps(gen, m, 2, 3, 9, 9, device=device)
+        for index in where:
+            a[index] = bad
+        for norm in NORMS:
+            with pytest.raises(ValueError, match="attributions.*NaN or infinity"):
+                kernel(a, True, norm, 0)
+            with pytest.raises(ValueError, match="attributions.*NaN or infinity"):
+                reference.attribution_stats(a, True, norm, 0)
 
 
 @pytest.mark.parametrize("args, error, match", [
