@@ -211,7 +211,7 @@ __attribute__((target("avx2,fma"))) void gram_block_f32_avx2(const float* buf, i
 
 // One work item: pixels [lo, hi) of sample s into its own products r (M x M, upper triangle) of the
 // maps shifted at each pixel by member 0's value: row and column 0 stay 0, and rows 1..M-1 hold
-// (x_i - x_0)(x_j - x_0). finish_centring turns the sample's sums into the products centred on the
+// (x_i - x_0)(x_j - x_0). centre_products turns the sample's sums into the products centred on the
 // members' mean (a per-pixel shift common to all members changes no variance). Against centring on
 // the mean this skips a pass over the block and a thirteenth of the products at M = 14 (half at
 // M = 3); the shifted values are still differences, so near-equal members keep their small variance.
