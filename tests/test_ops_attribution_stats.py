@@ -229,6 +229,21 @@ def test_large_finite_values_are_not_mistaken_for_infinity(device, gen):
         kernel(maps(gen, 3, 2, 1, 8, 8, device=device) * 1e30, True, "none", 0)
 
 
+def test_tiny_norms_and_rounding_near_zero(device, gen):
+    """Maps whose norm float32 holds only as a subnormal (1 / norm beyond float32) still normalise;
+    the centred Gram's diagonal (sums of squares) never rounds below zero."""
+    a = torch.zeros(2, 1, 4, device=device)
+    a[0, 0, 0], a[1, 0, 1] = 1e-40, 2e-40
+    for norm in ("l1", "l2", "max"):
+        assert_matches(kernel(a, True, norm, 0), reference.attribution_stats(a, True, norm, 0),
+                       torch.float32)
+    x0 = torch.randn(1, 3000, generator=gen)
+    dl = torch.randn(1, 3000, generator=gen) * 0.37
+    b = torch.stack([x0 + 2 * dl, x0 + dl, x0]).to(device)  # member 1 is the other two's mean
+    _, gram = kernel(b, False, "none", 0)
+    assert bool((gram.diagonal() >= 0).all())
+
+
 def test_double_backward_on_the_kernel(device, gen):
     a = (maps(gen, 3, 2, 1, 3, 3, dtype=torch.float64, device=device).abs() + 0.1).requires_grad_(True)
     for norm in ("none", "l2"):

@@ -52,8 +52,9 @@ CHILD = textwrap.dedent("""
         z = torch.randn(pool, n, c, generator=gen)
         t = torch.randint(0, c, (n,), generator=gen)
         z[:, torch.arange(n), t] += torch.linspace(0, 4, n)
-        near = z.double()
-        near[2, :, (t + 1) % c] = near[2, torch.arange(n), t] + 2.0**-40  # within float32's band
+        near = z.double()  # every member puts class t + 1 2**-40 above the target: float32's band
+        rows = torch.arange(n)
+        near[:, rows, (t + 1) % c] = near[:, rows, t] + 2.0**-40
         for k in (1, 2, 3, 4):
             subsets = torch.tensor(list(itertools.combinations(range(pool), k)))
             for rule in ("average", "vote", "median", "geometric"):

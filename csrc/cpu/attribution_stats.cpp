@@ -214,7 +214,12 @@ __attribute__((target("avx2,fma"))) void gram_block_f32_avx2(const float* buf, i
 // (x_i - x_0)(x_j - x_0). centre_products turns the sample's sums into the products centred on the
 // members' mean (a per-pixel shift common to all members changes no variance). Against centring on
 // the mean this skips a pass over the block and a thirteenth of the products at M = 14 (half at
-// M = 3); the shifted values are still differences, so near-equal members keep their small variance.
+// M = 3). The shifted values are differences, so the total variance stays accurate (float32
+// rounding grows by at most a factor M + 1: sum_i (x_i - x_0)^2 <= (M + 1) sum_i (x_i - mean)^2);
+// the variance of a subset of near-equal members read from the Gram loses accuracy when member 0
+// lies far from them (as it did, less so, when the mean did), and gains it when member 0 is among
+// them. Products are of differences up to twice the centred values: float32 maps beyond about 1e19
+// overflow them (an error, see finish_attribution_stats).
 // inv: 1 / norm of each member's map for this sample. No finiteness check per value (a loop-carried
 // sum that capped the pass at one vector per add latency): a NaN or an infinity in the maps makes
 // some shifted value non-finite and so its own product, which attribution_stats_cpu looks for.
@@ -296,12 +301,13 @@ void centre_products(double* h, int64_t m) {
   all /= static_cast<double>(m);
   for (int64_t i = 0; i < m; ++i)
     for (int64_t j = 0; j < m; ++j) h[i * m + j] = h[i * m + j] - row[i] - row[j] + all;
+  for (int64_t i = 0; i < m; ++i)  // sums of squares: rounding must not leave them below zero
+    h[i * m + i] = std::max(h[i * m + i], 0.0);
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename acc_t>
 void attribution_stats_kernel(const scalar_t* x, int64_t m, int64_t b, int64_t d, bool take_abs,
                               const double* inv_norms, double* centred) {
-  using acc_t = at::opmath_type<scalar_t>;
   const int64_t chunks = std::max<int64_t>(1, (d + kChunk - 1) / kChunk);
   const int64_t items = b * chunks;
   std::vector<acc_t> inv(b * m);
@@ -339,8 +345,17 @@ std::tuple<at::Tensor, at::Tensor> attribution_stats_cpu(const at::Tensor& attri
   if (b > 0 && d > 0) {
     const at::Tensor inv = inverse_map_norms(x.view({m, b, d}), code);  // (B, M) float64
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "attribution_stats_cpu", [&] {
-      attribution_stats_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), m, b, d, abs,
-                                         inv.const_data_ptr<double>(), centred.data_ptr<double>());
+      using acc_t = at::opmath_type<scalar_t>;
+      // A map whose norm is below float's smallest normal has a 1 / norm that float cannot hold
+      // (its normalised values can): such calls accumulate in double instead.
+      const bool wide = !std::is_same_v<acc_t, double> &&
+                        inv.max().item<double>() > static_cast<double>(std::numeric_limits<float>::max());
+      if (wide)
+        attribution_stats_kernel<scalar_t, double>(x.const_data_ptr<scalar_t>(), m, b, d, abs,
+                                                   inv.const_data_ptr<double>(), centred.data_ptr<double>());
+      else
+        attribution_stats_kernel<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), m, b, d, abs,
+                                                  inv.const_data_ptr<double>(), centred.data_ptr<double>());
     });
     // A NaN or an infinity in the maps leaves a non-finite product (a lone member has none: look).
     // Only then is the input read again, to tell bad maps from products that overflow float32.
