@@ -208,13 +208,14 @@ int scan_rank(DIVFAST_SCAN_ARGS(scalar_t)) {
   return scan_rank_impl<scalar_t>(DIVFAST_SCAN_CALL);
 }
 
-// For each sample: every member's top classes, and a table of every member's logit for each class in
-// any member's list (gathered once per sample, shared by all subsets); then per subset the threshold
-// algorithm (Fagin et al.): walk the members' lists level by level, ranking each new class against
-// the target by table lookups, until five rank above it (out of the top five) or the key of the
-// members' next values falls below the target's (no class not yet seen can rank above it: every key
-// is non-decreasing in each member's value, and rounding is monotone). Lists that run out before
-// either happens fall back to the bounded scan (scan_rank).
+// The vote and median path (it ranks every rule correctly; average and geometric take the faster
+// sweep_range_sum). For each sample: every member's top classes, and a table of every member's
+// logit for each class in any member's list (gathered once per sample, shared by all subsets); then
+// per subset the threshold algorithm (Fagin et al.): walk the members' lists level by level, ranking
+// each new class against the target by table lookups, until five rank above it (out of the top five)
+// or the key of the members' next values falls below the target's (no class not yet seen can rank
+// above it: every key is non-decreasing in each member's value, and rounding is monotone). Lists
+// that run out before either happens fall back to the bounded scan (scan_rank).
 template <typename scalar_t>
 void sweep_range(const scalar_t* z, const int64_t* target, const int64_t* subsets, int64_t pool,
                  int64_t n_count, int64_t c_count, int64_t s_count, int k, int rule, int64_t n0,
