@@ -146,6 +146,19 @@ def test_summed_rules_near_ties_and_extreme_magnitudes(device, gen, rule):
     assert int(top1) == ties_won  # one class a hair above, level with or below the target's sum
 
 
+def test_logits_too_large_for_shared_memory(device, gen):
+    """4 x 15,000 float32 logits per sample (240 KB) exceed any GPU's shared memory per block: the
+    CUDA kernel reads them from global memory instead; counts are the same either way."""
+    pool, n, c = 4, 12, 15000
+    logits = torch.randn(pool, n, c, generator=gen)
+    target = torch.randint(0, c, (n,), generator=gen)
+    logits[:, torch.arange(n), target] += torch.linspace(0, 6, n)
+    subsets = all_subsets(pool, 3)
+    for rule in RULES:
+        assert_same(kernel(logits.to(device), target.to(device), subsets.to(device), rule),
+                    reference.ensemble_sweep(logits, target, subsets, rule))
+
+
 def test_histogram_and_shapes(device, gen):
     pool, n, c = 4, 50, 5
     logits = torch.randn(pool, n, c, generator=gen)
