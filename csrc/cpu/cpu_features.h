@@ -24,8 +24,14 @@ inline bool cpu_has_avx2_fma() {
       !cpu_baseline_forced() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return has;
 }
+
+inline bool cpu_has_avx512f() {
+  static const bool has = !cpu_baseline_forced() && __builtin_cpu_supports("avx512f") && cpu_has_avx2_fma();
+  return has;
+}
 #else
 inline bool cpu_has_avx2_fma() { return false; }
+inline bool cpu_has_avx512f() { return false; }
 #endif
 
 }  // namespace divfast
