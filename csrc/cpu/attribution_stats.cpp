@@ -157,9 +157,10 @@ __attribute__((target("avx2"), always_inline)) inline float hsum8(__m256 v) {
 
 // One R x C tile of member pairs (rows i0.., columns j0..) over a block of nvec * 8 floats: R * C
 // accumulators and R + C row vectors stay in registers (at most 9 + 6 of AVX2's 16).
-template <int R, int C>
+template <int R, int C, bool kDiag = false>
 __attribute__((target("avx2,fma"), always_inline)) inline void tile_f32_avx2(
     const float* buf, int64_t ld, int64_t nvec, int64_t i0, int64_t j0, double* raw) {
+  // kDiag: a tile on the diagonal (i0 == j0, R == C): only its upper triangle is formed.
   __m256 acc[R][C];
 #pragma GCC unroll 3
   for (int di = 0; di < R; ++di)
@@ -174,7 +175,8 @@ __attribute__((target("avx2,fma"), always_inline)) inline void tile_f32_avx2(
 #pragma GCC unroll 3
     for (int di = 0; di < R; ++di)
 #pragma GCC unroll 3
-      for (int dj = 0; dj < C; ++dj) acc[di][dj] = _mm256_fmadd_ps(x[di], y[dj], acc[di][dj]);
+      for (int dj = 0; dj < C; ++dj)
+        if (!kDiag || di <= dj) acc[di][dj] = _mm256_fmadd_ps(x[di], y[dj], acc[di][dj]);
   }
 #pragma GCC unroll 3
   for (int di = 0; di < R; ++di)
@@ -193,6 +195,10 @@ __attribute__((target("avx2,fma"))) void gram_block_f32_avx2(const float* buf, i
     const int64_t rows = std::min<int64_t>(3, m - i0);
     for (int64_t j0 = i0; j0 < m; j0 += 3) {
       const int64_t cols = std::min<int64_t>(3, m - j0);
+      if (i0 == j0 && rows == 3) {
+        tile_f32_avx2<3, 3, true>(buf, ld, nvec, i0, j0, raw);
+        continue;
+      }
       switch (rows * 4 + cols) {
         case 15: tile_f32_avx2<3, 3>(buf, ld, nvec, i0, j0, raw); break;
         case 14: tile_f32_avx2<3, 2>(buf, ld, nvec, i0, j0, raw); break;
@@ -210,9 +216,10 @@ __attribute__((target("avx2,fma"))) void gram_block_f32_avx2(const float* buf, i
 
 // The same with AVX-512 (32 registers): 4 x 4 tiles of pairs over vectors of 16 floats, 16 FMAs
 // per 8 loads, half the instructions of the AVX2 tiles for the same products. nvec: vectors of 16.
-template <int R, int C>
+template <int R, int C, bool kDiag = false>
 __attribute__((target("avx512f"), always_inline)) inline void tile_f32_avx512(
     const float* buf, int64_t ld, int64_t nvec, int64_t i0, int64_t j0, double* raw) {
+  // kDiag: a tile on the diagonal (i0 == j0, R == C): only its upper triangle is formed.
   __m512 acc[R][C];
 #pragma GCC unroll 4
   for (int di = 0; di < R; ++di)
@@ -227,7 +234,8 @@ __attribute__((target("avx512f"), always_inline)) inline void tile_f32_avx512(
 #pragma GCC unroll 4
     for (int di = 0; di < R; ++di)
 #pragma GCC unroll 4
-      for (int dj = 0; dj < C; ++dj) acc[di][dj] = _mm512_fmadd_ps(x[di], y[dj], acc[di][dj]);
+      for (int dj = 0; dj < C; ++dj)
+        if (!kDiag || di <= dj) acc[di][dj] = _mm512_fmadd_ps(x[di], y[dj], acc[di][dj]);
   }
 #pragma GCC unroll 4
   for (int di = 0; di < R; ++di)
@@ -242,6 +250,10 @@ __attribute__((target("avx512f"))) void gram_block_f32_avx512(const float* buf, 
     const int64_t rows = std::min<int64_t>(4, m - i0);
     for (int64_t j0 = i0; j0 < m; j0 += 4) {
       const int64_t cols = std::min<int64_t>(4, m - j0);
+      if (i0 == j0 && rows == 4) {
+        tile_f32_avx512<4, 4, true>(buf, ld, nvec, i0, j0, raw);
+        continue;
+      }
       switch (rows * 5 + cols) {
         case 24: tile_f32_avx512<4, 4>(buf, ld, nvec, i0, j0, raw); break;
         case 23: tile_f32_avx512<4, 3>(buf, ld, nvec, i0, j0, raw); break;
