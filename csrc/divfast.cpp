@@ -6,14 +6,17 @@
 #include "cpu/cpu_features.h"
 
 namespace {
-// divfast._C.cpu_path(): "avx2" when the CPU kernels take their AVX2 + FMA paths, else "portable"
-// (no AVX2, or DIVFAST_CPU_BASELINE set).
+// divfast._C.cpu_path(): "avx512" when the CPU kernels take their AVX2 + FMA paths and the AVX-512
+// ones where they have them (attribution_stats), "avx2" for AVX2 + FMA only, else "portable" (no AVX2,
+// or DIVFAST_CPU_BASELINE set: "avx2" caps the paths at AVX2, other values at portable).
 PyObject* cpu_path(PyObject*, PyObject*) {
-  return PyUnicode_FromString(divfast::cpu_has_avx2_fma() ? "avx2" : "portable");
+  return PyUnicode_FromString(divfast::cpu_has_avx512f()    ? "avx512"
+                              : divfast::cpu_has_avx2_fma() ? "avx2"
+                                                            : "portable");
 }
 
 PyMethodDef methods[] = {
-    {"cpu_path", cpu_path, METH_NOARGS, "The CPU kernels' code path: 'avx2' or 'portable'."},
+    {"cpu_path", cpu_path, METH_NOARGS, "The CPU kernels' code path: 'avx512', 'avx2' or 'portable'."},
     {nullptr, nullptr, 0, nullptr}};
 }  // namespace
 

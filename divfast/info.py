@@ -24,7 +24,7 @@ def collect_info() -> dict:
     if loaded:
         from divfast import _C
 
-        cpu_path = _C.cpu_path()  # "avx2" or "portable" (no AVX2, or DIVFAST_CPU_BASELINE set)
+        cpu_path = _C.cpu_path()  # "avx512", "avx2" or "portable" (see DIVFAST_CPU_BASELINE)
     return {
         "divfast": divfast.__version__,
         "torch": torch.__version__,

@@ -1,8 +1,11 @@
-"""The CPU kernels' portable paths (taken on CPUs without AVX2 + FMA) against the references.
+"""The CPU kernels' portable paths (taken on CPUs without AVX2 + FMA), and their AVX2 paths where
+the CPU has AVX-512, against the references.
 
-The machines that run the suite have AVX2, so every other op test exercises the AVX2 paths; here a
-child process with ``DIVFAST_CPU_BASELINE=1`` (read once per process by csrc/cpu/cpu_features.h)
-checks that it really took the portable paths and that every kernel still equals its reference.
+The machines that run the suite have AVX2, so every other op test exercises the fastest paths; here
+child processes with ``DIVFAST_CPU_BASELINE=1`` (portable) and ``DIVFAST_CPU_BASELINE=avx2`` (no
+AVX-512: attribution_stats' 3 x 3 AVX2 tiles at M >= 5), read once per process by
+csrc/cpu/cpu_features.h, check that they really took those paths and that every kernel still equals
+its reference.
 """
 
 import os
@@ -14,13 +17,14 @@ import divfast._ops._load as load
 
 CHILD = textwrap.dedent("""
     import itertools
+    import os
     import torch
     import divfast._ops._load as load
     from divfast import _C
     from divfast._ops import reference
 
     assert load.load_extension(), load.load_error()
-    assert _C.cpu_path() == "portable", _C.cpu_path()
+    assert _C.cpu_path() == os.environ["WANT_PATH"], _C.cpu_path()
     ops = torch.ops.divfast
     gen = torch.Generator().manual_seed(7)
 
@@ -36,7 +40,9 @@ CHILD = textwrap.dedent("""
         t = torch.randint(0, c, (b,), generator=gen)
         same(ops.pair_counts(z, t), reference.pair_counts(z, t))
 
-    for m, shape in [(3, (9, 3, 7, 5)), (14, (4, 3, 16, 16)), (1, (2, 1, 3, 3))]:
+    # 14 members and 3 x 40 x 40 maps: several blocks per work item and a partial last block
+    for m, shape in [(3, (9, 3, 7, 5)), (14, (4, 3, 16, 16)), (1, (2, 1, 3, 3)), (14, (2, 3, 40, 40)),
+                     (6, (3, 1, 131, 67))]:
         a = torch.randn(m, *shape, generator=gen)
         for normalize in ("none", "l2"):
             want = reference.attribution_stats(a.double(), True, normalize, 0)
@@ -61,17 +67,29 @@ CHILD = textwrap.dedent("""
                 for logits in (z, near):
                     same(ops.ensemble_sweep(logits, t, subsets, rule),
                          reference.ensemble_sweep(logits, t, subsets, rule))
-    print("portable ok")
+    print(os.environ["WANT_PATH"], "ok")
 """)
+
+
+def _run_child(baseline: str, want: str) -> None:
+    env = dict(os.environ, DIVFAST_CPU_BASELINE=baseline, WANT_PATH=want)
+    done = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{want} ok" in done.stdout
 
 
 def test_portable_cpu_paths_equal_the_references():
     assert load.load_extension(), f"divfast._C is not loaded: {load.load_error()}"
     from divfast import _C
 
-    assert _C.cpu_path() in ("avx2", "portable")
-    env = dict(os.environ, DIVFAST_CPU_BASELINE="1")
-    done = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "portable ok" in done.stdout
+    assert _C.cpu_path() in ("avx512", "avx2", "portable")
+    _run_child("1", "portable")
+
+
+def test_avx2_cpu_paths_equal_the_references():
+    assert load.load_extension(), f"divfast._C is not loaded: {load.load_error()}"
+    from divfast import _C
+
+    # Capped at AVX2: the AVX2 paths where the CPU has AVX2 (every CPU that runs CI), else portable.
+    _run_child("avx2", "portable" if _C.cpu_path() == "portable" else "avx2")

@@ -6,8 +6,9 @@
 // M members' blocks are converted (|.|, times 1/norm) into a small L1-resident buffer as differences
 // from member 0's value at each pixel, and every pair of those M - 1 rows' dot product over the block
 // is formed in the accumulation type (float for 16/32-bit maps, double for float64) in register
-// tiles, then added to the item's float64 sums; each sample's sums are then centred on the members'
-// mean in float64 (centre_products). Shifting first makes the products those of differences (no
+// tiles (the SIMD tiles keep each pair's vector lanes across kFlushBlocks blocks), then added to the
+// item's float64 sums; each sample's sums are then centred on the members' mean in float64
+// (centre_products). Shifting first makes the products those of differences (no
 // cancellation between large Gram entries), so members that differ by 1e-4 of their values still get
 // an accurate diversity. Sums per item are reduced in a fixed order, so results do not depend on the
 // thread count.
@@ -89,10 +90,19 @@ at::Tensor inverse_map_norms(const at::Tensor& maps, int code) {
 
 namespace {
 
-constexpr int64_t kBlock = 256;   // pixels per block: M * kBlock values stay in L1
+// Pixels per block: the M - 1 shifted rows stay in L1 (7 KB at M = 14). The maps of all members and
+// samples start a multiple of 4 KB apart, so a block's M source rows share L1 sets: 128 pixels touch
+// an eighth of them per block, 256 a quarter, and the DRAM-bound M = 14 case measured faster with
+// 128 (25.5-26.7 ms against 28.8-33.9 ms, alternating runs) although data already in cache ran
+// slower; the vector accumulators below keep the smaller block's tile epilogues cheap.
+constexpr int64_t kBlock = 128;
 constexpr int64_t kChunk = 8192;  // pixels per work item
-// Blocks between a row's prefetch (into L2) and its use: 2 beat 1 and 3 into L1; 4 was no better.
+// Blocks between a row's prefetch (into L2) and its use: 2 and 3 beat 1 and 4 (256-pixel blocks: 2
+// beat 1 and 3; three into L1 was slower).
 constexpr int64_t kPrefetchBlocks = 2;
+// Blocks whose products the AVX2 / AVX-512 tiles keep in float vector lanes (vacc) before adding
+// them to the float64 sums: 8 blocks of 128 pixels = 128 (AVX2) or 64 (AVX-512) terms per lane.
+constexpr int64_t kFlushBlocks = 8;
 
 #define DIVFAST_INLINE inline __attribute__((always_inline))
 
@@ -146,24 +156,21 @@ DIVFAST_INLINE void add_block_products(const acc_t* buf, int64_t m, int64_t n, d
 }
 
 #if defined(__x86_64__)
-__attribute__((target("avx2"), always_inline)) inline float hsum8(__m256 v) {
-  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-  return _mm_cvtss_f32(lo);
-}
-
 // One R x C tile of member pairs (rows i0.., columns j0..) over a block of nvec * 8 floats: R * C
-// accumulators and R + C row vectors stay in registers (at most 9 + 6 of AVX2's 16).
+// accumulators and R + C row vectors stay in registers (at most 9 + 6 of AVX2's 16). The
+// accumulators are not reduced per block: each pair's 8 lanes live in vacc (row stride vld pairs)
+// for kFlushBlocks blocks, loaded and stored once per tile (two instructions per pair instead of a
+// horizontal sum of about ten); flush_f32_avx2 adds them to the float64 sums.
 template <int R, int C, bool kDiag = false>
 __attribute__((target("avx2,fma"), always_inline)) inline void tile_f32_avx2(
-    const float* buf, int64_t ld, int64_t nvec, int64_t i0, int64_t j0, double* raw) {
+    const float* buf, int64_t nvec, int64_t i0, int64_t j0, float* vacc, int64_t vld) {
   // kDiag: a tile on the diagonal (i0 == j0, R == C): only its upper triangle is formed.
   __m256 acc[R][C];
 #pragma GCC unroll 3
   for (int di = 0; di < R; ++di)
 #pragma GCC unroll 3
-    for (int dj = 0; dj < C; ++dj) acc[di][dj] = _mm256_setzero_ps();
+    for (int dj = 0; dj < C; ++dj)
+      if (!kDiag || di <= dj) acc[di][dj] = _mm256_loadu_ps(vacc + ((i0 + di) * vld + j0 + dj) * 16);
   for (int64_t k = 0; k < nvec * 8; k += 8) {
     __m256 x[R], y[C];
 #pragma GCC unroll 3
@@ -180,49 +187,66 @@ __attribute__((target("avx2,fma"), always_inline)) inline void tile_f32_avx2(
   for (int di = 0; di < R; ++di)
 #pragma GCC unroll 3
     for (int dj = 0; dj < C; ++dj)
-      if (i0 + di <= j0 + dj) raw[(i0 + di) * ld + j0 + dj] += hsum8(acc[di][dj]);
+      if (!kDiag || di <= dj) _mm256_storeu_ps(vacc + ((i0 + di) * vld + j0 + dj) * 16, acc[di][dj]);
 }
 
 // The float path's hot loop: products of every pair of buf's m rows over one block (nvec * 8 floats
-// each, zero-padded, row stride kBlock) added to raw (upper triangle, float64, row stride ld), in
+// each, zero-padded, row stride kBlock) added to vacc (m x m pairs of 8 lanes, stride 16 floats), in
 // 3 x 3 tiles of pairs: 9 FMAs per 6 loads, so the loop runs at the FMA units' rate rather than the
 // loads'. Tiles at the edge of the triangle are 3 x 2, 2 x 1, ... of the same kind.
 __attribute__((target("avx2,fma"))) void gram_block_f32_avx2(const float* buf, int64_t m, int64_t nvec,
-                                                             double* raw, int64_t ld) {
+                                                             float* vacc) {
   for (int64_t i0 = 0; i0 < m; i0 += 3) {
     const int64_t rows = std::min<int64_t>(3, m - i0);
     for (int64_t j0 = i0; j0 < m; j0 += 3) {
       const int64_t cols = std::min<int64_t>(3, m - j0);
       if (i0 == j0 && rows == 3) {
-        tile_f32_avx2<3, 3, true>(buf, ld, nvec, i0, j0, raw);
+        tile_f32_avx2<3, 3, true>(buf, nvec, i0, j0, vacc, m);
         continue;
       }
       switch (rows * 4 + cols) {
-        case 15: tile_f32_avx2<3, 3>(buf, ld, nvec, i0, j0, raw); break;
-        case 14: tile_f32_avx2<3, 2>(buf, ld, nvec, i0, j0, raw); break;
-        case 13: tile_f32_avx2<3, 1>(buf, ld, nvec, i0, j0, raw); break;
-        case 11: tile_f32_avx2<2, 3>(buf, ld, nvec, i0, j0, raw); break;
-        case 10: tile_f32_avx2<2, 2>(buf, ld, nvec, i0, j0, raw); break;
-        case 9: tile_f32_avx2<2, 1>(buf, ld, nvec, i0, j0, raw); break;
-        case 7: tile_f32_avx2<1, 3>(buf, ld, nvec, i0, j0, raw); break;
-        case 6: tile_f32_avx2<1, 2>(buf, ld, nvec, i0, j0, raw); break;
-        default: tile_f32_avx2<1, 1>(buf, ld, nvec, i0, j0, raw); break;
+        case 15: tile_f32_avx2<3, 3>(buf, nvec, i0, j0, vacc, m); break;
+        case 14: tile_f32_avx2<3, 2>(buf, nvec, i0, j0, vacc, m); break;
+        case 13: tile_f32_avx2<3, 1>(buf, nvec, i0, j0, vacc, m); break;
+        case 11: tile_f32_avx2<2, 3>(buf, nvec, i0, j0, vacc, m); break;
+        case 10: tile_f32_avx2<2, 2>(buf, nvec, i0, j0, vacc, m); break;
+        case 9: tile_f32_avx2<2, 1>(buf, nvec, i0, j0, vacc, m); break;
+        case 7: tile_f32_avx2<1, 3>(buf, nvec, i0, j0, vacc, m); break;
+        case 6: tile_f32_avx2<1, 2>(buf, nvec, i0, j0, vacc, m); break;
+        default: tile_f32_avx2<1, 1>(buf, nvec, i0, j0, vacc, m); break;
       }
     }
   }
 }
 
+// Adds vacc's upper triangle (m x m pairs of 8 float lanes, 16 floats apart) to raw (float64, row
+// stride ld) in a fixed order, and zeroes it.
+__attribute__((target("avx2"))) void flush_f32_avx2(float* vacc, int64_t m, double* raw, int64_t ld) {
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = i; j < m; ++j) {
+      float* v = vacc + (i * m + j) * 16;
+      const __m128 lanes_lo = _mm_loadu_ps(v), lanes_hi = _mm_loadu_ps(v + 4);
+      const __m256d sum = _mm256_add_pd(_mm256_cvtps_pd(lanes_lo), _mm256_cvtps_pd(lanes_hi));
+      __m128d half = _mm_add_pd(_mm256_castpd256_pd128(sum), _mm256_extractf128_pd(sum, 1));
+      half = _mm_add_sd(half, _mm_unpackhi_pd(half, half));
+      raw[i * ld + j] += _mm_cvtsd_f64(half);
+      _mm256_storeu_ps(v, _mm256_setzero_ps());
+    }
+}
+
 // The same with AVX-512 (32 registers): 4 x 4 tiles of pairs over vectors of 16 floats, 16 FMAs
-// per 8 loads, half the instructions of the AVX2 tiles for the same products. nvec: vectors of 16.
+// per 8 loads, half the instructions of the AVX2 tiles for the same products. nvec: vectors of 16;
+// each pair's 16 lanes live in vacc as the AVX2 tile's 8 do.
 template <int R, int C, bool kDiag = false>
 __attribute__((target("avx512f"), always_inline)) inline void tile_f32_avx512(
-    const float* buf, int64_t ld, int64_t nvec, int64_t i0, int64_t j0, double* raw) {
+    const float* buf, int64_t nvec, int64_t i0, int64_t j0, float* vacc, int64_t vld) {
   // kDiag: a tile on the diagonal (i0 == j0, R == C): only its upper triangle is formed.
   __m512 acc[R][C];
 #pragma GCC unroll 4
   for (int di = 0; di < R; ++di)
 #pragma GCC unroll 4
-    for (int dj = 0; dj < C; ++dj) acc[di][dj] = _mm512_setzero_ps();
+    for (int dj = 0; dj < C; ++dj)
+      if (!kDiag || di <= dj) acc[di][dj] = _mm512_loadu_ps(vacc + ((i0 + di) * vld + j0 + dj) * 16);
   for (int64_t k = 0; k < nvec * 16; k += 16) {
     __m512 x[R], y[C];
 #pragma GCC unroll 4
@@ -239,39 +263,51 @@ __attribute__((target("avx512f"), always_inline)) inline void tile_f32_avx512(
   for (int di = 0; di < R; ++di)
 #pragma GCC unroll 4
     for (int dj = 0; dj < C; ++dj)
-      if (i0 + di <= j0 + dj) raw[(i0 + di) * ld + j0 + dj] += _mm512_reduce_add_ps(acc[di][dj]);
+      if (!kDiag || di <= dj) _mm512_storeu_ps(vacc + ((i0 + di) * vld + j0 + dj) * 16, acc[di][dj]);
 }
 
+// Products of every pair of buf's m rows over one block into vacc (m x m pairs of 16 lanes).
 __attribute__((target("avx512f"))) void gram_block_f32_avx512(const float* buf, int64_t m, int64_t nvec,
-                                                               double* raw, int64_t ld) {
+                                                               float* vacc) {
   for (int64_t i0 = 0; i0 < m; i0 += 4) {
     const int64_t rows = std::min<int64_t>(4, m - i0);
     for (int64_t j0 = i0; j0 < m; j0 += 4) {
       const int64_t cols = std::min<int64_t>(4, m - j0);
       if (i0 == j0 && rows == 4) {
-        tile_f32_avx512<4, 4, true>(buf, ld, nvec, i0, j0, raw);
+        tile_f32_avx512<4, 4, true>(buf, nvec, i0, j0, vacc, m);
         continue;
       }
       switch (rows * 5 + cols) {
-        case 24: tile_f32_avx512<4, 4>(buf, ld, nvec, i0, j0, raw); break;
-        case 23: tile_f32_avx512<4, 3>(buf, ld, nvec, i0, j0, raw); break;
-        case 22: tile_f32_avx512<4, 2>(buf, ld, nvec, i0, j0, raw); break;
-        case 21: tile_f32_avx512<4, 1>(buf, ld, nvec, i0, j0, raw); break;
-        case 19: tile_f32_avx512<3, 4>(buf, ld, nvec, i0, j0, raw); break;
-        case 18: tile_f32_avx512<3, 3>(buf, ld, nvec, i0, j0, raw); break;
-        case 17: tile_f32_avx512<3, 2>(buf, ld, nvec, i0, j0, raw); break;
-        case 16: tile_f32_avx512<3, 1>(buf, ld, nvec, i0, j0, raw); break;
-        case 14: tile_f32_avx512<2, 4>(buf, ld, nvec, i0, j0, raw); break;
-        case 13: tile_f32_avx512<2, 3>(buf, ld, nvec, i0, j0, raw); break;
-        case 12: tile_f32_avx512<2, 2>(buf, ld, nvec, i0, j0, raw); break;
-        case 11: tile_f32_avx512<2, 1>(buf, ld, nvec, i0, j0, raw); break;
-        case 9: tile_f32_avx512<1, 4>(buf, ld, nvec, i0, j0, raw); break;
-        case 8: tile_f32_avx512<1, 3>(buf, ld, nvec, i0, j0, raw); break;
-        case 7: tile_f32_avx512<1, 2>(buf, ld, nvec, i0, j0, raw); break;
-        default: tile_f32_avx512<1, 1>(buf, ld, nvec, i0, j0, raw); break;
+        case 24: tile_f32_avx512<4, 4>(buf, nvec, i0, j0, vacc, m); break;
+        case 23: tile_f32_avx512<4, 3>(buf, nvec, i0, j0, vacc, m); break;
+        case 22: tile_f32_avx512<4, 2>(buf, nvec, i0, j0, vacc, m); break;
+        case 21: tile_f32_avx512<4, 1>(buf, nvec, i0, j0, vacc, m); break;
+        case 19: tile_f32_avx512<3, 4>(buf, nvec, i0, j0, vacc, m); break;
+        case 18: tile_f32_avx512<3, 3>(buf, nvec, i0, j0, vacc, m); break;
+        case 17: tile_f32_avx512<3, 2>(buf, nvec, i0, j0, vacc, m); break;
+        case 16: tile_f32_avx512<3, 1>(buf, nvec, i0, j0, vacc, m); break;
+        case 14: tile_f32_avx512<2, 4>(buf, nvec, i0, j0, vacc, m); break;
+        case 13: tile_f32_avx512<2, 3>(buf, nvec, i0, j0, vacc, m); break;
+        case 12: tile_f32_avx512<2, 2>(buf, nvec, i0, j0, vacc, m); break;
+        case 11: tile_f32_avx512<2, 1>(buf, nvec, i0, j0, vacc, m); break;
+        case 9: tile_f32_avx512<1, 4>(buf, nvec, i0, j0, vacc, m); break;
+        case 8: tile_f32_avx512<1, 3>(buf, nvec, i0, j0, vacc, m); break;
+        case 7: tile_f32_avx512<1, 2>(buf, nvec, i0, j0, vacc, m); break;
+        default: tile_f32_avx512<1, 1>(buf, nvec, i0, j0, vacc, m); break;
       }
     }
   }
+}
+
+// flush_f32_avx2 for 16 lanes.
+__attribute__((target("avx512f"))) void flush_f32_avx512(float* vacc, int64_t m, double* raw, int64_t ld) {
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = i; j < m; ++j) {
+      float* v = vacc + (i * m + j) * 16;
+      const __m512d sum = _mm512_add_pd(_mm512_cvtps_pd(_mm256_loadu_ps(v)), _mm512_cvtps_pd(_mm256_loadu_ps(v + 8)));
+      raw[i * ld + j] += _mm512_reduce_add_pd(sum);
+      _mm512_storeu_ps(v, _mm512_setzero_ps());
+    }
 }
 #endif
 
@@ -295,6 +331,7 @@ template <typename scalar_t, typename acc_t, int kIsa>
 DIVFAST_INLINE void item_impl(const scalar_t* x, int64_t m, int64_t b, int64_t d, int64_t s, int64_t lo,
                               int64_t hi, bool take_abs, const acc_t* inv, acc_t* buf, double* r) {
   acc_t* base = buf + m * kBlock;  // member 0's scaled values
+  [[maybe_unused]] int64_t flushed = 0;  // blocks in the tiles' float lanes (vacc)
   for (int64_t p0 = lo; p0 < hi; p0 += kBlock) {
     const int64_t n = std::min(kBlock, hi - p0);
     constexpr int64_t kLanes = kIsa == 2 ? 16 : 8;
@@ -327,12 +364,17 @@ DIVFAST_INLINE void item_impl(const scalar_t* x, int64_t m, int64_t b, int64_t d
     }
     if (m < 2) continue;
 #if defined(__x86_64__)
-    if constexpr (kIsa == 2 && std::is_same_v<acc_t, float>) {
-      gram_block_f32_avx512(buf, m - 1, padded / 16, r + m + 1, m);
-      continue;
-    }
-    if constexpr (kIsa == 1 && std::is_same_v<acc_t, float>) {
-      gram_block_f32_avx2(buf, m - 1, padded / 8, r + m + 1, m);
+    if constexpr (kIsa > 0 && std::is_same_v<acc_t, float>) {
+      float* vacc = buf + (m + 1) * kBlock;
+      const bool flush = ++flushed == kFlushBlocks || p0 + kBlock >= hi;
+      if constexpr (kIsa == 2) {
+        gram_block_f32_avx512(buf, m - 1, padded / 16, vacc);
+        if (flush) flush_f32_avx512(vacc, m - 1, r + m + 1, m);
+      } else {
+        gram_block_f32_avx2(buf, m - 1, padded / 8, vacc);
+        if (flush) flush_f32_avx2(vacc, m - 1, r + m + 1, m);
+      }
+      if (flush) flushed = 0;
       continue;
     }
 #endif
@@ -395,7 +437,8 @@ void attribution_stats_kernel(const scalar_t* x, int64_t m, int64_t b, int64_t d
   // Per item: M*M products, reduced per sample afterwards in chunk order.
   std::vector<double> part(items * m * m, 0.0);
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf((m + 1) * kBlock);  // M - 1 shifted rows and member 0's values
+    // M - 1 shifted rows and member 0's values, then the tiles' float lanes (zero between items)
+    std::vector<acc_t> buf((m + 1) * kBlock + m * m * 16);
     for (int64_t it = begin; it < end; ++it) {
       const int64_t s = it / chunks, c = it % chunks;
       const int64_t lo = c * kChunk, hi = std::min(d, lo + kChunk);

@@ -1,8 +1,9 @@
 // Runtime CPU feature checks shared by the CPU kernels (the extension is compiled for baseline x86-64;
 // AVX2 paths are compiled with target attributes and chosen here once per process).
 //
-// DIVFAST_CPU_BASELINE=1 in the environment forces the portable paths on any CPU, so the tests can
-// compare them with the reference on a machine that has AVX2 (tests/test_ops_portable.py).
+// DIVFAST_CPU_BASELINE=1 in the environment forces the portable paths on any CPU, and
+// DIVFAST_CPU_BASELINE=avx2 the AVX2 paths where AVX-512 would be taken, so the tests can compare
+// each path with the reference on a machine that has AVX-512 (tests/test_ops_portable.py).
 #pragma once
 
 #include <cstdlib>
@@ -10,13 +11,18 @@
 
 namespace divfast {
 
-inline bool cpu_baseline_forced() {
-  static const bool forced = [] {
+// 0: no limit; 1: AVX2 at most (DIVFAST_CPU_BASELINE=avx2); 2: portable (any other non-empty value
+// but "0").
+inline int cpu_baseline_level() {
+  static const int level = [] {
     const char* value = std::getenv("DIVFAST_CPU_BASELINE");
-    return value != nullptr && value[0] != '\0' && std::strcmp(value, "0") != 0;
+    if (value == nullptr || value[0] == '\0' || std::strcmp(value, "0") == 0) return 0;
+    return std::strcmp(value, "avx2") == 0 ? 1 : 2;
   }();
-  return forced;
+  return level;
 }
+
+inline bool cpu_baseline_forced() { return cpu_baseline_level() == 2; }
 
 #if defined(__x86_64__)
 inline bool cpu_has_avx2_fma() {
@@ -26,7 +32,8 @@ inline bool cpu_has_avx2_fma() {
 }
 
 inline bool cpu_has_avx512f() {
-  static const bool has = !cpu_baseline_forced() && __builtin_cpu_supports("avx512f") && cpu_has_avx2_fma();
+  static const bool has =
+      cpu_baseline_level() == 0 && __builtin_cpu_supports("avx512f") && cpu_has_avx2_fma();
   return has;
 }
 #else
