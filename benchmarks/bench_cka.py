@@ -11,7 +11,8 @@ i.e. the logits). For each set:
 
 - ``forward``: the two members' forward passes alone (the cost any tool pays);
 - ``divfast``: the forward passes with :class:`GramCapture` (each layer's Gram formed inside the
-  forward, from features centred over the batch, in float64) and ``divfast::hsic`` over every
+  forward from features centred over the batch, float32 products summed in float64; layers of
+  2,048 features or more through the ``divfast::attribution_stats`` kernel) and ``divfast::hsic`` over every
   (member, layer) pair (the full 2L x 2L map, self maps included); ``CKA work`` is its excess over
   ``forward``. Target: at most 10 % of ``forward``;
 - ``per-pair loop``: the same Grams, then the unbiased HSIC of each pair on its own (the textbook

@@ -255,6 +255,40 @@ def test_batch_gram_blocks_equal_one_product(gen, monkeypatch):
     torch.testing.assert_close(whole, centred_gram(x), rtol=1e-12, atol=1e-9)
 
 
+@pytest.mark.parametrize("n, d, dtype", [(64, 4096, torch.float32), (5, 5001, torch.float32),
+                                         (64, 2048, torch.float16), (130, 4099, torch.float32)])
+def test_wide_cpu_features_take_the_member_gram_kernel(gen, monkeypatch, n, d, dtype):
+    """Float32 products of wide CPU features come from the attribution_stats kernel (the member Gram
+    of n samples over d features is the batch-centred Gram): equal to the float64 Gram, and to the
+    centre-then-GEMM path it replaces, for both kernels; odd sizes, float16, more than 64 samples."""
+    from divfast._ops._load import has_kernel
+
+    x = (torch.relu(torch.randn(n, d, generator=gen)) * 3 + 7).to(dtype)
+    f32 = torch.float32
+    assert features._use_member_gram_kernel(x, f32) == has_kernel("attribution_stats", "CPU")
+    assert not features._use_member_gram_kernel(x, torch.float64)
+    assert not features._use_member_gram_kernel(x[:, :1000], f32)
+    want = centred_gram(x.double())
+    for kernel in ("linear", "rbf"):
+        got = batch_gram(x, kernel, dtype=f32)
+        ref = want if kernel == "linear" else gram_matrices([x.double()], "rbf", 0.5)[0]
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max()))
+        monkeypatch.setattr(features, "_use_member_gram_kernel", lambda *args: False)
+        gemm = batch_gram(x, kernel, dtype=f32)
+        monkeypatch.undo()
+        torch.testing.assert_close(got, gemm, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_wide_non_finite_features_are_still_an_error(gen):
+    x = torch.randn(8, 4096, generator=gen)
+    x[3, 100] = float("inf")
+    with pytest.raises(DivfastError, match="non-finite"):
+        batch_gram(x, dtype=torch.float32)
+    x[3, 100] = float("nan")
+    with pytest.raises(DivfastError, match="non-finite"):
+        batch_gram(x, dtype=torch.float32)
+
+
 def test_batch_gram_rbf_rule_and_degenerate_batches(gen):
     x = torch.randn(9, 4, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(batch_gram(x, "rbf", 0.7), gram_matrices([x], "rbf", 0.7)[0],

@@ -33,11 +33,25 @@
 
 namespace divfast {
 
+namespace {
+// Whether every value of a contiguous float64 CPU tensor is finite: a loop, where the tensor ops cost
+// several dispatches (features.py calls the kernel for every wide layer of every batch).
+bool all_finite_cpu(const at::Tensor& t) {
+  const double* v = t.const_data_ptr<double>();
+  bool finite = true;
+  for (int64_t k = 0, n = t.numel(); k < n; ++k) finite &= std::isfinite(v[k]);
+  return finite;
+}
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> finish_attribution_stats(const at::Tensor& centred, int64_t ddof) {
   // centred (B, M, M): products of the maps centred on the members' mean. Its trace is the sum over
   // pixels of the squared deviations: the variance times (M - ddof).
   const int64_t m = centred.size(1);
-  TORCH_CHECK_VALUE(centred.isfinite().all().item<bool>(),
+  const bool finite = centred.is_cpu() && centred.is_contiguous() && centred.scalar_type() == at::kDouble
+                          ? all_finite_cpu(centred)
+                          : centred.isfinite().all().item<bool>();
+  TORCH_CHECK_VALUE(finite,
                     "attribution_stats: the products of `attributions` overflow (values near the "
                     "float32 range); pass float64 maps or normalise them");
   at::Tensor variance = centred.diagonal(0, 1, 2).sum(-1) / static_cast<double>(m - ddof);
@@ -97,6 +111,8 @@ namespace {
 // slower; the vector accumulators below keep the smaller block's tile epilogues cheap.
 constexpr int64_t kBlock = 128;
 constexpr int64_t kChunk = 8192;  // pixels per work item
+constexpr int64_t kMinItems = 16;    // below this many items, shorter chunks ...
+constexpr int64_t kMinChunk = 1024;  // ... down to this many pixels
 // Blocks between a row's prefetch (into L2) and its use: 2 and 3 beat 1 and 4 (256-pixel blocks: 2
 // beat 1 and 3; three into L1 was slower).
 constexpr int64_t kPrefetchBlocks = 2;
@@ -430,7 +446,15 @@ void centre_products(double* h, int64_t m) {
 template <typename scalar_t, typename acc_t>
 void attribution_stats_kernel(const scalar_t* x, int64_t m, int64_t b, int64_t d, bool take_abs,
                               const double* inv_norms, double* centred) {
-  const int64_t chunks = std::max<int64_t>(1, (d + kChunk - 1) / kChunk);
+  // Few samples (features.py passes a layer's features as one sample of n "members"): shorter
+  // chunks, so that there are about kMinItems work items for the threads. The split depends on the
+  // shape only, never on the thread count, so results stay the same for any number of threads.
+  int64_t chunk = kChunk;
+  if (b * ((d + kChunk - 1) / kChunk) < kMinItems) {
+    const int64_t per_sample = (kMinItems + b - 1) / b;
+    chunk = std::max(kMinChunk, ((d + per_sample - 1) / per_sample + kBlock - 1) / kBlock * kBlock);
+  }
+  const int64_t chunks = std::max<int64_t>(1, (d + chunk - 1) / chunk);
   const int64_t items = b * chunks;
   std::vector<acc_t> inv(b * m);
   for (int64_t k = 0; k < b * m; ++k) inv[k] = static_cast<acc_t>(inv_norms[k]);
@@ -441,7 +465,7 @@ void attribution_stats_kernel(const scalar_t* x, int64_t m, int64_t b, int64_t d
     std::vector<acc_t> buf((m + 1) * kBlock + m * m * 16);
     for (int64_t it = begin; it < end; ++it) {
       const int64_t s = it / chunks, c = it % chunks;
-      const int64_t lo = c * kChunk, hi = std::min(d, lo + kChunk);
+      const int64_t lo = c * chunk, hi = std::min(d, lo + chunk);
       item<scalar_t, acc_t>(x, m, b, d, s, lo, hi, take_abs, inv.data() + s * m, buf.data(),
                             part.data() + it * m * m);
     }
@@ -482,7 +506,7 @@ std::tuple<at::Tensor, at::Tensor> attribution_stats_cpu(const at::Tensor& attri
     });
     // A NaN or an infinity in the maps leaves a non-finite product (a lone member has none: look).
     // Only then is the input read again, to tell bad maps from products that overflow float32.
-    if (m == 1 || !centred.isfinite().all().item<bool>())
+    if (m == 1 || !all_finite_cpu(centred))
       TORCH_CHECK_VALUE(x.isfinite().all().item<bool>(),
                         "attribution_stats: `attributions` contain NaN or infinity");
   }

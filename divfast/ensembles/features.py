@@ -16,6 +16,11 @@ For the linear kernel this changes the Gram only by terms ``a 1^T + 1 b^T + c 11
 unbiased HSIC's U-centring removes exactly, so every HSIC (and CKA) is unchanged; what it avoids is
 float32 rounding when large common offsets (post-ReLU features) dominate ``x x^T``. RBF distances
 do not change under a translation.
+
+Wide float32 products on the CPU (d >= 4096, or >= 2048 up to 64 samples) come instead from the
+``divfast::attribution_stats`` kernel, whose member Gram of n "members" (the samples) over d
+"pixels" (the features) is this same centred Gram; it needs no centred copy and sums in float64
+every 64 terms per lane, so it is both faster (1.5-2.3x here) and closer to float64.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from fnmatch import fnmatchcase
 import torch
 import torch.nn as nn
 
+from divfast._ops._load import has_kernel
 from divfast.data.members import Member
 from divfast.errors import DivfastError
 from divfast.functional.representation import rbf_from_linear_gram
@@ -157,11 +163,33 @@ def _check_options(kernel: str, bandwidth: float, dtype: torch.dtype) -> None:
         raise DivfastError(f"gram_dtype: expected torch.float32 or torch.float64, got {dtype}")
 
 
+def _use_member_gram_kernel(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``x`` (n, d) takes the attribution_stats kernel: float32 products of CPU features
+    wide enough for it to win (measured: 1.5-2.3x faster than centre-then-GEMM from d = 4096 at
+    n = 16-256, and from d = 2048 up to n = 64; below, the GEMM's lower call cost wins)."""
+    n, d = x.shape
+    return (x.device.type == "cpu" and dtype == torch.float32 and n >= 2
+            and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and (d >= 4096 or (d >= 2048 and n <= 64))
+            and has_kernel("attribution_stats", "CPU"))
+
+
 def _gram(x: torch.Tensor, kernel: str, bandwidth: float, dtype: torch.dtype) -> torch.Tensor:
     """batch_gram without the argument and finiteness checks (which would sync a GPU per layer)."""
     with torch.no_grad():
         x = x.detach()  # (n, d)
         n = x.shape[0]
+        if _use_member_gram_kernel(x, dtype):
+            # The kernel's member Gram of n "members" (the samples) over d "pixels" (the features)
+            # is exactly this Gram: products of the values centred at each feature on the batch
+            # mean, formed in float32 register tiles, summed in float64 every 64 terms per lane
+            # (more accurate than a float32 GEMM over d terms), from one read of x, no centred copy.
+            try:
+                gram = torch.ops.divfast.attribution_stats(x.reshape(n, 1, -1), False, "none", 0)[1]
+            except ValueError:  # NaN / inf features or float32 overflow: the GEMM below shows them
+                gram = None
+            if gram is not None:
+                return rbf_from_linear_gram(gram, bandwidth) if kernel == "rbf" else gram
         gram = torch.zeros(n, n, dtype=dtype, device=x.device)
         width = BLOCK_ELEMENTS.get(x.device.type, BLOCK_ELEMENTS["cuda"]) // max(n, 1)
         for block in x.split(max(1, width), dim=1):  # (n, <= width)
