@@ -150,6 +150,17 @@ def test_results_do_not_depend_on_thread_count(gen):
     assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
 
 
+@pytest.mark.parametrize("m, shape", [(14, (3, 40, 50)), (3, (1, 33, 67)), (6, (70000,))])
+def test_a_samples_results_do_not_depend_on_its_batch(gen, m, shape):
+    """Per-sample sums are the same bits whichever batch a sample comes in (one sample, as
+    GramCapture passes features, or many), so metrics fed in other batch sizes agree exactly."""
+    a = maps(gen, m, 9, *shape)
+    whole = kernel(a, True, "l2", 0)[0]
+    singles = torch.cat([kernel(a[:, i:i + 1], True, "l2", 0)[0] for i in range(a.shape[1])])
+    assert torch.equal(singles, whole)
+    assert torch.equal(kernel(a[:, 2:5], True, "l2", 0)[0], whole[2:5])
+
+
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("abs_", [True, False])
 def test_gradcheck_on_the_kernel(device, gen, norm, abs_):

@@ -111,8 +111,8 @@ namespace {
 // slower; the vector accumulators below keep the smaller block's tile epilogues cheap.
 constexpr int64_t kBlock = 128;
 constexpr int64_t kChunk = 8192;  // pixels per work item
-constexpr int64_t kMinItems = 16;    // below this many items, shorter chunks ...
-constexpr int64_t kMinChunk = 1024;  // ... down to this many pixels
+constexpr int64_t kSplit = 16;       // a shorter map is cut into up to this many chunks ...
+constexpr int64_t kMinChunk = 1024;  // ... of at least this many pixels
 // Blocks between a row's prefetch (into L2) and its use: 2 and 3 beat 1 and 4 (256-pixel blocks: 2
 // beat 1 and 3; three into L1 was slower).
 constexpr int64_t kPrefetchBlocks = 2;
@@ -446,14 +446,11 @@ void centre_products(double* h, int64_t m) {
 template <typename scalar_t, typename acc_t>
 void attribution_stats_kernel(const scalar_t* x, int64_t m, int64_t b, int64_t d, bool take_abs,
                               const double* inv_norms, double* centred) {
-  // Few samples (features.py passes a layer's features as one sample of n "members"): shorter
-  // chunks, so that there are about kMinItems work items for the threads. The split depends on the
-  // shape only, never on the thread count, so results stay the same for any number of threads.
-  int64_t chunk = kChunk;
-  if (b * ((d + kChunk - 1) / kChunk) < kMinItems) {
-    const int64_t per_sample = (kMinItems + b - 1) / b;
-    chunk = std::max(kMinChunk, ((d + per_sample - 1) / per_sample + kBlock - 1) / kBlock * kBlock);
-  }
+  // Short maps are cut into up to kSplit chunks of at least kMinChunk pixels, so that one sample
+  // (features.py passes a layer's features as one sample of n "members") still gives the threads
+  // work. The split depends on d alone, never on B or the thread count, so a sample's sums are the
+  // same whichever batch it comes in and however many threads run.
+  const int64_t chunk = std::clamp(((d + kSplit - 1) / kSplit + kBlock - 1) / kBlock * kBlock, kMinChunk, kChunk);
   const int64_t chunks = std::max<int64_t>(1, (d + chunk - 1) / chunk);
   const int64_t items = b * chunks;
   std::vector<acc_t> inv(b * m);
