@@ -320,7 +320,8 @@ __attribute__((target("avx512f"))) void flush_f32_avx512(float* vacc, int64_t m,
   for (int64_t i = 0; i < m; ++i)
     for (int64_t j = i; j < m; ++j) {
       float* v = vacc + (i * m + j) * 16;
-      const __m512d sum = _mm512_add_pd(_mm512_cvtps_pd(_mm256_loadu_ps(v)), _mm512_cvtps_pd(_mm256_loadu_ps(v + 8)));
+      const __m512d sum =
+          _mm512_add_pd(_mm512_cvtps_pd(_mm256_loadu_ps(v)), _mm512_cvtps_pd(_mm256_loadu_ps(v + 8)));
       raw[i * ld + j] += _mm512_reduce_add_pd(sum);
       _mm512_storeu_ps(v, _mm512_setzero_ps());
     }
@@ -450,7 +451,8 @@ void attribution_stats_kernel(const scalar_t* x, int64_t m, int64_t b, int64_t d
   // (features.py passes a layer's features as one sample of n "members") still gives the threads
   // work. The split depends on d alone, never on B or the thread count, so a sample's sums are the
   // same whichever batch it comes in and however many threads run.
-  const int64_t chunk = std::clamp(((d + kSplit - 1) / kSplit + kBlock - 1) / kBlock * kBlock, kMinChunk, kChunk);
+  const int64_t split = ((d + kSplit - 1) / kSplit + kBlock - 1) / kBlock * kBlock;  // whole blocks
+  const int64_t chunk = std::clamp(split, kMinChunk, kChunk);
   const int64_t chunks = std::max<int64_t>(1, (d + chunk - 1) / chunk);
   const int64_t items = b * chunks;
   std::vector<acc_t> inv(b * m);
