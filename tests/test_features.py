@@ -265,12 +265,24 @@ def test_wide_cpu_features_take_the_member_gram_kernel(gen, monkeypatch, n, d, d
 
     x = (torch.relu(torch.randn(n, d, generator=gen)) * 3 + 7).to(dtype)
     f32 = torch.float32
-    assert features._use_member_gram_kernel(x, f32) == has_kernel("attribution_stats", "CPU")
+    kernel_built = has_kernel("attribution_stats", "CPU")
+    assert features._use_member_gram_kernel(x, f32) == kernel_built
     assert not features._use_member_gram_kernel(x, torch.float64)
     assert not features._use_member_gram_kernel(x[:, :1000], f32)
+    assert not features._use_member_gram_kernel(torch.zeros(features.MAX_KERNEL_SAMPLES + 1, d), f32)
+
+    class NoGemm(dict):  # the GEMM path reads BLOCK_ELEMENTS first: fail if it runs
+        def get(self, *args):
+            raise AssertionError("the centre-then-GEMM path ran")
+
     want = centred_gram(x.double())
     for kernel in ("linear", "rbf"):
-        got = batch_gram(x, kernel, dtype=f32)
+        if kernel_built:
+            with monkeypatch.context() as patch:
+                patch.setattr(features, "BLOCK_ELEMENTS", NoGemm())
+                got = batch_gram(x, kernel, dtype=f32)
+        else:
+            got = batch_gram(x, kernel, dtype=f32)
         ref = want if kernel == "linear" else gram_matrices([x.double()], "rbf", 0.5)[0]
         torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max()))
         monkeypatch.setattr(features, "_use_member_gram_kernel", lambda *args: False)
@@ -279,7 +291,7 @@ def test_wide_cpu_features_take_the_member_gram_kernel(gen, monkeypatch, n, d, d
         torch.testing.assert_close(got, gemm, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 
-def test_wide_non_finite_features_are_still_an_error(gen):
+def test_wide_non_finite_or_overflowing_features_are_still_an_error(gen):
     x = torch.randn(8, 4096, generator=gen)
     x[3, 100] = float("inf")
     with pytest.raises(DivfastError, match="non-finite"):
@@ -287,6 +299,8 @@ def test_wide_non_finite_features_are_still_an_error(gen):
     x[3, 100] = float("nan")
     with pytest.raises(DivfastError, match="non-finite"):
         batch_gram(x, dtype=torch.float32)
+    with pytest.raises(DivfastError, match="non-finite"):  # float32 products overflow
+        batch_gram(torch.randn(8, 4096, generator=gen) * 1e19, dtype=torch.float32)
 
 
 def test_batch_gram_rbf_rule_and_degenerate_batches(gen):

@@ -216,8 +216,12 @@ __attribute__((target("avx2,fma"))) void gram_block_f32_avx2(const float* buf, i
     const int64_t rows = std::min<int64_t>(3, m - i0);
     for (int64_t j0 = i0; j0 < m; j0 += 3) {
       const int64_t cols = std::min<int64_t>(3, m - j0);
-      if (i0 == j0 && rows == 3) {
-        tile_f32_avx2<3, 3, true>(buf, nvec, i0, j0, vacc, m);
+      if (i0 == j0) {  // square, upper triangle only (the lower pairs' lanes are never flushed)
+        switch (rows) {
+          case 3: tile_f32_avx2<3, 3, true>(buf, nvec, i0, j0, vacc, m); break;
+          case 2: tile_f32_avx2<2, 2, true>(buf, nvec, i0, j0, vacc, m); break;
+          default: tile_f32_avx2<1, 1, true>(buf, nvec, i0, j0, vacc, m); break;
+        }
         continue;
       }
       switch (rows * 4 + cols) {
@@ -292,8 +296,13 @@ __attribute__((target("avx512f"))) void gram_block_f32_avx512(const float* buf, 
     const int64_t rows = std::min<int64_t>(4, m - i0);
     for (int64_t j0 = i0; j0 < m; j0 += 4) {
       const int64_t cols = std::min<int64_t>(4, m - j0);
-      if (i0 == j0 && rows == 4) {
-        tile_f32_avx512<4, 4, true>(buf, nvec, i0, j0, vacc, m);
+      if (i0 == j0) {  // square, upper triangle only (the lower pairs' lanes are never flushed)
+        switch (rows) {
+          case 4: tile_f32_avx512<4, 4, true>(buf, nvec, i0, j0, vacc, m); break;
+          case 3: tile_f32_avx512<3, 3, true>(buf, nvec, i0, j0, vacc, m); break;
+          case 2: tile_f32_avx512<2, 2, true>(buf, nvec, i0, j0, vacc, m); break;
+          default: tile_f32_avx512<1, 1, true>(buf, nvec, i0, j0, vacc, m); break;
+        }
         continue;
       }
       switch (rows * 5 + cols) {

@@ -8,16 +8,17 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <strings.h>
 
 namespace divfast {
 
-// 0: no limit; 1: AVX2 at most (DIVFAST_CPU_BASELINE=avx2); 2: portable (any other non-empty value
-// but "0").
+// 0: no limit; 1: AVX2 at most (DIVFAST_CPU_BASELINE=avx2, any case); 2: portable (any other
+// non-empty value but "0").
 inline int cpu_baseline_level() {
   static const int level = [] {
     const char* value = std::getenv("DIVFAST_CPU_BASELINE");
     if (value == nullptr || value[0] == '\0' || std::strcmp(value, "0") == 0) return 0;
-    return std::strcmp(value, "avx2") == 0 ? 1 : 2;
+    return strcasecmp(value, "avx2") == 0 ? 1 : 2;
   }();
   return level;
 }

@@ -17,10 +17,11 @@ unbiased HSIC's U-centring removes exactly, so every HSIC (and CKA) is unchanged
 float32 rounding when large common offsets (post-ReLU features) dominate ``x x^T``. RBF distances
 do not change under a translation.
 
-Wide float32 products on the CPU (d >= 4096, or >= 2048 up to 64 samples) come instead from the
-``divfast::attribution_stats`` kernel, whose member Gram of n "members" (the samples) over d
-"pixels" (the features) is this same centred Gram; it needs no centred copy and sums in float64
-every 64 terms per lane, so it is both faster (1.5-2.3x at n = 64 here) and closer to float64.
+Wide float32 products on the CPU (d >= 4096, or >= 2048 up to 64 samples; batches of up to 256)
+come instead from the ``divfast::attribution_stats`` kernel, whose member Gram of n "members" (the
+samples) over d "pixels" (the features) is this same centred Gram; it needs no centred copy and
+sums in float64 every 64 terms per lane (128 with AVX2 only), so it is both faster (1.5-2.3x at
+n = 64 here) and closer to float64.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ MAX_LISTED = 40  # names an error lists before "... (N more)"
 # that stays in cache (8 MiB in float64) makes a wide layer's float64 Gram 3x faster than one pass;
 # on a GPU fewer, larger blocks save kernel launches. Either way the working copy stays small.
 BLOCK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 24}
+MAX_KERNEL_SAMPLES = 256  # batches up to this size may form wide Grams in attribution_stats
 
 
 def _model_of(model: nn.Module) -> nn.Module:
@@ -166,9 +168,11 @@ def _check_options(kernel: str, bandwidth: float, dtype: torch.dtype) -> None:
 def _use_member_gram_kernel(x: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether ``x`` (n, d) takes the attribution_stats kernel: float32 products of CPU features
     wide enough for it to win (measured: 1.3-3.4x faster than centre-then-GEMM from d = 4096 at
-    n = 16-256, and from d = 2048 up to n = 64; below, the GEMM's lower call cost wins)."""
+    n = 16-256, and from d = 2048 up to n = 64; below, the GEMM's lower call cost wins). Not above
+    256 samples: its per-thread accumulators grow as n^2 (64 n^2 bytes) and from n = 512 it ran
+    slower than the GEMM."""
     n, d = x.shape
-    return (x.device.type == "cpu" and dtype == torch.float32 and n >= 2
+    return (x.device.type == "cpu" and dtype == torch.float32 and 2 <= n <= MAX_KERNEL_SAMPLES
             and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
             and (d >= 4096 or (d >= 2048 and n <= 64))
             and has_kernel("attribution_stats", "CPU"))
@@ -183,7 +187,8 @@ def _gram(x: torch.Tensor, kernel: str, bandwidth: float, dtype: torch.dtype) ->
             # The kernel's member Gram of n "members" (the samples) over d "pixels" (the features)
             # is exactly this Gram: products of the values centred at each feature on the batch
             # mean, formed in float32 register tiles, summed in float64 every 64 terms per lane
-            # (more accurate than a float32 GEMM over d terms), from one read of x, no centred copy.
+            # (128 on the AVX2 path; more accurate than a float32 GEMM over d terms), from one read
+            # of x, no centred copy.
             try:
                 gram = torch.ops.divfast.attribution_stats(x.reshape(n, 1, -1), False, "none", 0)[1]
             except ValueError:  # NaN / inf features or float32 overflow: the GEMM below shows them
