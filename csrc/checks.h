@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
 
+#include <optional>
 #include <string>
 #include <tuple>
 
@@ -80,7 +81,9 @@ inline int check_attribution_stats_args(const at::Tensor& attributions, c10::str
 
 // Shared by the CPU and CUDA hosts, defined in cpu/attribution_stats.cpp so nvcc never compiles
 // ATen's operators. finish: per-sample centred products (B, M, M) -> (variance (B,), gram (M, M)).
-std::tuple<at::Tensor, at::Tensor> finish_attribution_stats(const at::Tensor& centred, int64_t ddof);
+// finite: whether every product is finite, when the caller has already looked (else finish looks).
+std::tuple<at::Tensor, at::Tensor> finish_attribution_stats(const at::Tensor& centred, int64_t ddof,
+                                                            std::optional<bool> finite = std::nullopt);
 // 1 / norm of every map (B, M) float64: 1 without a normalisation, 0 for a map whose norm is 0.
 at::Tensor inverse_map_norms(const at::Tensor& maps, int code);
 

@@ -35,7 +35,8 @@ namespace divfast {
 
 namespace {
 // Whether every value of a contiguous float64 CPU tensor is finite: a loop, where the tensor ops cost
-// several dispatches (features.py calls the kernel for every wide layer of every batch).
+// several dispatches (features.py calls the kernel for every wide layer of every batch). Looked at
+// once per call: attribution_stats_cpu passes the answer on to finish_attribution_stats.
 bool all_finite_cpu(const at::Tensor& t) {
   const double* v = t.const_data_ptr<double>();
   bool finite = true;
@@ -44,14 +45,12 @@ bool all_finite_cpu(const at::Tensor& t) {
 }
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> finish_attribution_stats(const at::Tensor& centred, int64_t ddof) {
+std::tuple<at::Tensor, at::Tensor> finish_attribution_stats(const at::Tensor& centred, int64_t ddof,
+                                                            std::optional<bool> finite) {
   // centred (B, M, M): products of the maps centred on the members' mean. Its trace is the sum over
   // pixels of the squared deviations: the variance times (M - ddof).
   const int64_t m = centred.size(1);
-  const bool finite = centred.is_cpu() && centred.is_contiguous() && centred.scalar_type() == at::kDouble
-                          ? all_finite_cpu(centred)
-                          : centred.isfinite().all().item<bool>();
-  TORCH_CHECK_VALUE(finite,
+  TORCH_CHECK_VALUE(finite.has_value() ? *finite : centred.isfinite().all().item<bool>(),
                     "attribution_stats: the products of `attributions` overflow (values near the "
                     "float32 range); pass float64 maps or normalise them");
   at::Tensor variance = centred.diagonal(0, 1, 2).sum(-1) / static_cast<double>(m - ddof);
@@ -500,6 +499,7 @@ std::tuple<at::Tensor, at::Tensor> attribution_stats_cpu(const at::Tensor& attri
   const int64_t d = b == 0 ? 0 : attributions.numel() / (m * b);
   const at::Tensor x = attributions.contiguous();
   at::Tensor centred = at::zeros({b, m, m}, x.options().dtype(at::kDouble));
+  bool finite = true;
   if (b > 0 && d > 0) {
     const at::Tensor inv = inverse_map_norms(x.view({m, b, d}), code);  // (B, M) float64
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "attribution_stats_cpu", [&] {
@@ -517,11 +517,12 @@ std::tuple<at::Tensor, at::Tensor> attribution_stats_cpu(const at::Tensor& attri
     });
     // A NaN or an infinity in the maps leaves a non-finite product (a lone member has none: look).
     // Only then is the input read again, to tell bad maps from products that overflow float32.
-    if (m == 1 || !all_finite_cpu(centred))
+    finite = all_finite_cpu(centred);
+    if (m == 1 || !finite)
       TORCH_CHECK_VALUE(x.isfinite().all().item<bool>(),
                         "attribution_stats: `attributions` contain NaN or infinity");
   }
-  return finish_attribution_stats(centred, ddof);
+  return finish_attribution_stats(centred, ddof, finite);
 }
 
 }  // namespace
