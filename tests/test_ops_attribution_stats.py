@@ -62,8 +62,9 @@ def test_reference_matches_direct_formula(gen):
 @pytest.mark.parametrize("norm", NORMS)
 def test_kernel_matches_reference(device, gen, dtype, norm):
     # odd sizes: M odd and even, pixel counts below, at and above the kernel's block and chunk sizes
-    for shape in [(3, 4, 3, 5, 7), (14, 3, 3, 9, 11), (2, 2, 1, 128, 1), (5, 2, 3, 70, 80),
-                  (1, 3, 3, 4, 4), (32, 2, 1, 33, 1), (33, 2, 1, 10, 3)]:
+    for shape in [(3, 4, 3, 5, 7), (14, 3, 3, 9, 11), (2, 2, 1, 128, 1), (5, 2, 1, 256, 1),
+                  (14, 2, 1, 257, 1), (5, 2, 3, 70, 80), (1, 3, 3, 4, 4), (32, 2, 1, 33, 1),
+                  (33, 2, 1, 10, 3), (11, 2, 1, 300, 1)]:
         a = maps(gen, *shape, dtype=dtype, device=device)
         for abs_, ddof in [(True, 0), (False, 1 if shape[0] > 1 else 0)]:
             assert_matches(kernel(a, abs_, norm, ddof), reference.attribution_stats(a, abs_, norm, ddof),

@@ -41,9 +41,11 @@ CHILD = textwrap.dedent("""
         same(ops.pair_counts(z, t), reference.pair_counts(z, t))
 
     # 14 members and 3 x 40 x 40 maps: several blocks per work item and a partial last block; 3 x 100
-    # x 100: work items of 15 blocks, so the SIMD tiles' lanes are flushed midway and at the end
+    # x 100: work items of 8 blocks (the last of 6), so the SIMD tiles' lanes are flushed midway and
+    # at the end; 11 and 16 members: AVX-512 tiles of every shape (groups of 5 rows: 5 + 5, 5 + 5 + 5)
     for m, shape in [(3, (9, 3, 7, 5)), (14, (4, 3, 16, 16)), (1, (2, 1, 3, 3)), (14, (2, 3, 40, 40)),
-                     (6, (3, 1, 131, 67)), (5, (2, 3, 100, 100)), (3, (2, 3, 100, 100))]:
+                     (6, (3, 1, 131, 67)), (5, (2, 3, 100, 100)), (3, (2, 3, 100, 100)),
+                     (11, (2, 1, 37, 29)), (16, (2, 3, 30, 30))]:
         a = torch.randn(m, *shape, generator=gen)
         for normalize in ("none", "l2"):
             want = reference.attribution_stats(a.double(), True, normalize, 0)

@@ -103,21 +103,19 @@ at::Tensor inverse_map_norms(const at::Tensor& maps, int code) {
 
 namespace {
 
-// Pixels per block: the M - 1 shifted rows stay in L1 (7 KB at M = 14). The maps of all members and
-// samples start a multiple of 4 KB apart, so a block's M source rows share L1 sets: 128 pixels touch
-// an eighth of them per block, 256 a quarter, and the DRAM-bound M = 14 case measured faster with
-// 128 (25.5-26.7 ms against 28.8-33.9 ms, alternating runs) although data already in cache ran
-// slower; the vector accumulators below keep the smaller block's tile epilogues cheap.
-constexpr int64_t kBlock = 128;
+// Pixels per block: the M - 1 shifted rows stay in L1 (14 KB at M = 14). 256 pixels against 128:
+// the tiles' accumulators are loaded and stored half as often (tiles alone: 217 against 245 ns per
+// 128 pixels at M = 14), and with the prefetches spread over the tiles (below) the DRAM-bound
+// M = 14 case ran the same or faster.
+constexpr int64_t kBlock = 256;
 constexpr int64_t kChunk = 8192;  // pixels per work item
 constexpr int64_t kSplit = 16;       // a shorter map is cut into up to this many chunks ...
 constexpr int64_t kMinChunk = 1024;  // ... of at least this many pixels
-// Blocks between a row's prefetch (into L2) and its use: 2 and 3 beat 1 and 4 (256-pixel blocks: 2
-// beat 1 and 3; three into L1 was slower).
+// Blocks between a row's prefetch (into L2) and its use.
 constexpr int64_t kPrefetchBlocks = 2;
 // Blocks whose products the AVX2 / AVX-512 tiles keep in float vector lanes (vacc) before adding
-// them to the float64 sums: 8 blocks of 128 pixels = 128 (AVX2) or 64 (AVX-512) terms per lane.
-constexpr int64_t kFlushBlocks = 8;
+// them to the float64 sums: 4 blocks of 256 pixels = 128 (AVX2) or 64 (AVX-512) terms per lane.
+constexpr int64_t kFlushBlocks = 4;
 
 #define DIVFAST_INLINE inline __attribute__((always_inline))
 
@@ -170,33 +168,75 @@ DIVFAST_INLINE void add_block_products(const acc_t* buf, int64_t m, int64_t n, d
   if (i < m) raw[i * ld + i] += dot1(buf + i * kBlock, buf + i * kBlock, n);
 }
 
+// The SIMD tiles also issue the software prefetches of a later block, spread over their vector
+// steps: tile t of a block asks for up to 3 rows of the block kPrefetchBlocks ahead, a cache line of
+// each whenever a vector step (`step` bytes) starts one. Asking for all M rows at once, at each
+// block's conversion (M times 16 lines in a burst), ran M = 14 at 2 threads 15-20 % slower; a few
+// lines per step run beside the FMAs (the burst likely waits on the core's few miss buffers).
+struct TilePrefetch {
+  const char* at = nullptr;  // the tile's first row's window
+  int64_t rows = 0, row_stride = 0, step = 0;
+};
+
+// A block's prefetches: `rows` rows from `first`, row_stride bytes apart, at most kPrefetchRowsPerTile
+// per tile in tile order (rows beyond tiles * kPrefetchRowsPerTile are asked for at conversion).
+constexpr int64_t kPrefetchRowsPerTile = 3;
+struct BlockPrefetch {
+  const char* first = nullptr;
+  int64_t rows = 0, per_tile = 0, row_stride = 0, step = 0;
+  TilePrefetch tile(int64_t t) const {
+    const int64_t r0 = std::min(rows, t * per_tile), r1 = std::min(rows, r0 + per_tile);
+    return {first + r0 * row_stride, r1 - r0, row_stride, step};
+  }
+};
+
+// Tiles per block for m shifted rows in groups of g: a triangle per group, a rectangle per pair.
+constexpr int64_t tiles_per_block(int64_t m, int64_t g) {
+  const int64_t groups = (m + g - 1) / g;
+  return groups * (groups + 1) / 2;
+}
+constexpr int64_t kGroupAvx2 = 3, kGroupAvx512 = 5;
+
+// A tile's prefetches for vector step v: a line of each of its rows whenever the step starts one.
+inline __attribute__((always_inline)) void prefetch_step(const TilePrefetch& pf, int64_t v) {
+  const int64_t offset = v * pf.step;
+  if (pf.rows == 0 || offset % 64 != 0) return;
+  __builtin_prefetch(pf.at + offset, 0, 2);
+  if (pf.rows > 1) __builtin_prefetch(pf.at + pf.row_stride + offset, 0, 2);
+  if (pf.rows > 2) __builtin_prefetch(pf.at + 2 * pf.row_stride + offset, 0, 2);
+}
+static_assert(kPrefetchRowsPerTile == 3, "prefetch_step asks for up to 3 rows");
+
 #if defined(__x86_64__)
-// One R x C tile of member pairs (rows i0.., columns j0..) over a block of nvec * 8 floats: R * C
-// accumulators and R + C row vectors stay in registers (at most 9 + 6 of AVX2's 16). The
-// accumulators are not reduced per block: each pair's 8 lanes live in vacc (row stride vld pairs)
-// for kFlushBlocks blocks, loaded and stored once per tile (two instructions per pair instead of a
-// horizontal sum of about ten); flush_f32_avx2 adds them to the float64 sums.
+// One R x C tile of member pairs (rows i0.., columns j0..) over a block of nvec * 8 floats. The R
+// rows' vectors are loaded once per step and each column's once, as its R FMAs need it: R * C
+// accumulators, R rows and a column stay in registers (at most 9 + 3 + 1 of AVX2's 16). A diagonal
+// tile (kDiag: i0 == j0, R == C) forms only its upper triangle and takes its columns from the rows'
+// registers. The accumulators are not reduced per block: each pair's 8 lanes live in vacc (row
+// stride vld pairs) for kFlushBlocks blocks, loaded and stored once per tile (two instructions per
+// pair instead of a horizontal sum of about ten); flush_f32_avx2 adds them to the float64 sums.
 template <int R, int C, bool kDiag = false>
 __attribute__((target("avx2,fma"), always_inline)) inline void tile_f32_avx2(
-    const float* buf, int64_t nvec, int64_t i0, int64_t j0, float* vacc, int64_t vld) {
-  // kDiag: a tile on the diagonal (i0 == j0, R == C): only its upper triangle is formed.
+    const float* buf, int64_t nvec, int64_t i0, int64_t j0, float* vacc, int64_t vld, TilePrefetch pf) {
   __m256 acc[R][C];
 #pragma GCC unroll 3
   for (int di = 0; di < R; ++di)
 #pragma GCC unroll 3
     for (int dj = 0; dj < C; ++dj)
       if (!kDiag || di <= dj) acc[di][dj] = _mm256_loadu_ps(vacc + ((i0 + di) * vld + j0 + dj) * 16);
-  for (int64_t k = 0; k < nvec * 8; k += 8) {
-    __m256 x[R], y[C];
+  for (int64_t v = 0; v < nvec; ++v) {
+    prefetch_step(pf, v);
+    const int64_t k = v * 8;
+    __m256 x[R];
 #pragma GCC unroll 3
     for (int di = 0; di < R; ++di) x[di] = _mm256_loadu_ps(buf + (i0 + di) * kBlock + k);
 #pragma GCC unroll 3
-    for (int dj = 0; dj < C; ++dj) y[dj] = _mm256_loadu_ps(buf + (j0 + dj) * kBlock + k);
+    for (int dj = 0; dj < C; ++dj) {
+      const __m256 y = kDiag ? x[dj] : _mm256_loadu_ps(buf + (j0 + dj) * kBlock + k);
 #pragma GCC unroll 3
-    for (int di = 0; di < R; ++di)
-#pragma GCC unroll 3
-      for (int dj = 0; dj < C; ++dj)
-        if (!kDiag || di <= dj) acc[di][dj] = _mm256_fmadd_ps(x[di], y[dj], acc[di][dj]);
+      for (int di = 0; di < R; ++di)
+        if (!kDiag || di <= dj) acc[di][dj] = _mm256_fmadd_ps(x[di], y, acc[di][dj]);
+    }
   }
 #pragma GCC unroll 3
   for (int di = 0; di < R; ++di)
@@ -205,34 +245,38 @@ __attribute__((target("avx2,fma"), always_inline)) inline void tile_f32_avx2(
       if (!kDiag || di <= dj) _mm256_storeu_ps(vacc + ((i0 + di) * vld + j0 + dj) * 16, acc[di][dj]);
 }
 
+// Rows i0..i0+R-1 against `cols` (1..3) columns from j0.
+template <int R>
+__attribute__((target("avx2,fma"), always_inline)) inline void row_tiles_f32_avx2(
+    const float* buf, int64_t nvec, int64_t i0, int64_t j0, int64_t cols, float* vacc, int64_t vld,
+    TilePrefetch pf) {
+  switch (cols) {
+    case 3: tile_f32_avx2<R, 3>(buf, nvec, i0, j0, vacc, vld, pf); break;
+    case 2: tile_f32_avx2<R, 2>(buf, nvec, i0, j0, vacc, vld, pf); break;
+    default: tile_f32_avx2<R, 1>(buf, nvec, i0, j0, vacc, vld, pf); break;
+  }
+}
+
 // The float path's hot loop: products of every pair of buf's m rows over one block (nvec * 8 floats
-// each, zero-padded, row stride kBlock) added to vacc (m x m pairs of 8 lanes, stride 16 floats), in
-// 3 x 3 tiles of pairs: 9 FMAs per 6 loads, so the loop runs at the FMA units' rate rather than the
-// loads'. Tiles at the edge of the triangle are 3 x 2, 2 x 1, ... of the same kind.
+// each, zero-padded, row stride kBlock) added to vacc (m x m pairs of 8 lanes, stride 16 floats):
+// rows in groups of 3, a triangle tile per group and a 3 x 3 rectangle (9 FMAs per 6 loads) per
+// pair of groups, smaller at the edge.
 __attribute__((target("avx2,fma"))) void gram_block_f32_avx2(const float* buf, int64_t m, int64_t nvec,
-                                                             float* vacc) {
-  for (int64_t i0 = 0; i0 < m; i0 += 3) {
-    const int64_t rows = std::min<int64_t>(3, m - i0);
-    for (int64_t j0 = i0; j0 < m; j0 += 3) {
-      const int64_t cols = std::min<int64_t>(3, m - j0);
-      if (i0 == j0) {  // square, upper triangle only (the lower pairs' lanes are never flushed)
-        switch (rows) {
-          case 3: tile_f32_avx2<3, 3, true>(buf, nvec, i0, j0, vacc, m); break;
-          case 2: tile_f32_avx2<2, 2, true>(buf, nvec, i0, j0, vacc, m); break;
-          default: tile_f32_avx2<1, 1, true>(buf, nvec, i0, j0, vacc, m); break;
-        }
-        continue;
-      }
-      switch (rows * 4 + cols) {
-        case 15: tile_f32_avx2<3, 3>(buf, nvec, i0, j0, vacc, m); break;
-        case 14: tile_f32_avx2<3, 2>(buf, nvec, i0, j0, vacc, m); break;
-        case 13: tile_f32_avx2<3, 1>(buf, nvec, i0, j0, vacc, m); break;
-        case 11: tile_f32_avx2<2, 3>(buf, nvec, i0, j0, vacc, m); break;
-        case 10: tile_f32_avx2<2, 2>(buf, nvec, i0, j0, vacc, m); break;
-        case 9: tile_f32_avx2<2, 1>(buf, nvec, i0, j0, vacc, m); break;
-        case 7: tile_f32_avx2<1, 3>(buf, nvec, i0, j0, vacc, m); break;
-        case 6: tile_f32_avx2<1, 2>(buf, nvec, i0, j0, vacc, m); break;
-        default: tile_f32_avx2<1, 1>(buf, nvec, i0, j0, vacc, m); break;
+                                                             float* vacc, const BlockPrefetch& prefetch) {
+  int64_t t = 0;
+  for (int64_t i0 = 0; i0 < m; i0 += kGroupAvx2) {
+    const int64_t rows = std::min(kGroupAvx2, m - i0);
+    switch (rows) {
+      case 3: tile_f32_avx2<3, 3, true>(buf, nvec, i0, i0, vacc, m, prefetch.tile(t++)); break;
+      case 2: tile_f32_avx2<2, 2, true>(buf, nvec, i0, i0, vacc, m, prefetch.tile(t++)); break;
+      default: tile_f32_avx2<1, 1, true>(buf, nvec, i0, i0, vacc, m, prefetch.tile(t++)); break;
+    }
+    for (int64_t j0 = i0 + kGroupAvx2; j0 < m; j0 += kGroupAvx2) {
+      const int64_t cols = std::min(kGroupAvx2, m - j0);
+      switch (rows) {
+        case 3: row_tiles_f32_avx2<3>(buf, nvec, i0, j0, cols, vacc, m, prefetch.tile(t++)); break;
+        case 2: row_tiles_f32_avx2<2>(buf, nvec, i0, j0, cols, vacc, m, prefetch.tile(t++)); break;
+        default: row_tiles_f32_avx2<1>(buf, nvec, i0, j0, cols, vacc, m, prefetch.tile(t++)); break;
       }
     }
   }
@@ -253,74 +297,76 @@ __attribute__((target("avx2"))) void flush_f32_avx2(float* vacc, int64_t m, doub
     }
 }
 
-// The same with AVX-512 (32 registers): 4 x 4 tiles of pairs over vectors of 16 floats, 16 FMAs
-// per 8 loads, half the instructions of the AVX2 tiles for the same products. nvec: vectors of 16;
-// each pair's 16 lanes live in vacc as the AVX2 tile's 8 do.
+// The same with AVX-512 (32 registers): tiles of up to 5 x 5 pairs over vectors of 16 floats (25
+// accumulators, 5 rows and a column: 31 registers). At M = 13 shifted rows: 6 tiles of 15, 25, 15,
+// 15, 15 and 6 pairs, 39 loads per 91 FMAs; the tiles alone ran at 92 % of the FMA peak (the 4 x 4
+// tiles they replace at 66 %). nvec: vectors of 16; each pair's 16 lanes live in vacc as the AVX2
+// tile's 8 do.
 template <int R, int C, bool kDiag = false>
 __attribute__((target("avx512f"), always_inline)) inline void tile_f32_avx512(
-    const float* buf, int64_t nvec, int64_t i0, int64_t j0, float* vacc, int64_t vld) {
-  // kDiag: a tile on the diagonal (i0 == j0, R == C): only its upper triangle is formed.
+    const float* buf, int64_t nvec, int64_t i0, int64_t j0, float* vacc, int64_t vld, TilePrefetch pf) {
   __m512 acc[R][C];
-#pragma GCC unroll 4
+#pragma GCC unroll 5
   for (int di = 0; di < R; ++di)
-#pragma GCC unroll 4
+#pragma GCC unroll 5
     for (int dj = 0; dj < C; ++dj)
       if (!kDiag || di <= dj) acc[di][dj] = _mm512_loadu_ps(vacc + ((i0 + di) * vld + j0 + dj) * 16);
-  // Two vectors per trip: 10 % faster on a 13-row block of 128 pixels than one (304 against 338 ns
-  // in a microbenchmark of the tiles alone); four or eight were no faster than one.
+  // Two steps per trip measured about 10 % faster than one.
 #pragma GCC unroll 2
-  for (int64_t k = 0; k < nvec * 16; k += 16) {
-    __m512 x[R], y[C];
-#pragma GCC unroll 4
+  for (int64_t v = 0; v < nvec; ++v) {
+    prefetch_step(pf, v);
+    const int64_t k = v * 16;
+    __m512 x[R];
+#pragma GCC unroll 5
     for (int di = 0; di < R; ++di) x[di] = _mm512_loadu_ps(buf + (i0 + di) * kBlock + k);
-#pragma GCC unroll 4
-    for (int dj = 0; dj < C; ++dj) y[dj] = _mm512_loadu_ps(buf + (j0 + dj) * kBlock + k);
-#pragma GCC unroll 4
-    for (int di = 0; di < R; ++di)
-#pragma GCC unroll 4
-      for (int dj = 0; dj < C; ++dj)
-        if (!kDiag || di <= dj) acc[di][dj] = _mm512_fmadd_ps(x[di], y[dj], acc[di][dj]);
+#pragma GCC unroll 5
+    for (int dj = 0; dj < C; ++dj) {
+      const __m512 y = kDiag ? x[dj] : _mm512_loadu_ps(buf + (j0 + dj) * kBlock + k);
+#pragma GCC unroll 5
+      for (int di = 0; di < R; ++di)
+        if (!kDiag || di <= dj) acc[di][dj] = _mm512_fmadd_ps(x[di], y, acc[di][dj]);
+    }
   }
-#pragma GCC unroll 4
+#pragma GCC unroll 5
   for (int di = 0; di < R; ++di)
-#pragma GCC unroll 4
+#pragma GCC unroll 5
     for (int dj = 0; dj < C; ++dj)
       if (!kDiag || di <= dj) _mm512_storeu_ps(vacc + ((i0 + di) * vld + j0 + dj) * 16, acc[di][dj]);
 }
 
-// Products of every pair of buf's m rows over one block into vacc (m x m pairs of 16 lanes).
+template <int R>
+__attribute__((target("avx512f"), always_inline)) inline void row_tiles_f32_avx512(
+    const float* buf, int64_t nvec, int64_t i0, int64_t j0, int64_t cols, float* vacc, int64_t vld,
+    TilePrefetch pf) {
+  switch (cols) {
+    case 5: tile_f32_avx512<R, 5>(buf, nvec, i0, j0, vacc, vld, pf); break;
+    case 4: tile_f32_avx512<R, 4>(buf, nvec, i0, j0, vacc, vld, pf); break;
+    case 3: tile_f32_avx512<R, 3>(buf, nvec, i0, j0, vacc, vld, pf); break;
+    case 2: tile_f32_avx512<R, 2>(buf, nvec, i0, j0, vacc, vld, pf); break;
+    default: tile_f32_avx512<R, 1>(buf, nvec, i0, j0, vacc, vld, pf); break;
+  }
+}
+
 __attribute__((target("avx512f"))) void gram_block_f32_avx512(const float* buf, int64_t m, int64_t nvec,
-                                                               float* vacc) {
-  for (int64_t i0 = 0; i0 < m; i0 += 4) {
-    const int64_t rows = std::min<int64_t>(4, m - i0);
-    for (int64_t j0 = i0; j0 < m; j0 += 4) {
-      const int64_t cols = std::min<int64_t>(4, m - j0);
-      if (i0 == j0) {  // square, upper triangle only (the lower pairs' lanes are never flushed)
-        switch (rows) {
-          case 4: tile_f32_avx512<4, 4, true>(buf, nvec, i0, j0, vacc, m); break;
-          case 3: tile_f32_avx512<3, 3, true>(buf, nvec, i0, j0, vacc, m); break;
-          case 2: tile_f32_avx512<2, 2, true>(buf, nvec, i0, j0, vacc, m); break;
-          default: tile_f32_avx512<1, 1, true>(buf, nvec, i0, j0, vacc, m); break;
-        }
-        continue;
-      }
-      switch (rows * 5 + cols) {
-        case 24: tile_f32_avx512<4, 4>(buf, nvec, i0, j0, vacc, m); break;
-        case 23: tile_f32_avx512<4, 3>(buf, nvec, i0, j0, vacc, m); break;
-        case 22: tile_f32_avx512<4, 2>(buf, nvec, i0, j0, vacc, m); break;
-        case 21: tile_f32_avx512<4, 1>(buf, nvec, i0, j0, vacc, m); break;
-        case 19: tile_f32_avx512<3, 4>(buf, nvec, i0, j0, vacc, m); break;
-        case 18: tile_f32_avx512<3, 3>(buf, nvec, i0, j0, vacc, m); break;
-        case 17: tile_f32_avx512<3, 2>(buf, nvec, i0, j0, vacc, m); break;
-        case 16: tile_f32_avx512<3, 1>(buf, nvec, i0, j0, vacc, m); break;
-        case 14: tile_f32_avx512<2, 4>(buf, nvec, i0, j0, vacc, m); break;
-        case 13: tile_f32_avx512<2, 3>(buf, nvec, i0, j0, vacc, m); break;
-        case 12: tile_f32_avx512<2, 2>(buf, nvec, i0, j0, vacc, m); break;
-        case 11: tile_f32_avx512<2, 1>(buf, nvec, i0, j0, vacc, m); break;
-        case 9: tile_f32_avx512<1, 4>(buf, nvec, i0, j0, vacc, m); break;
-        case 8: tile_f32_avx512<1, 3>(buf, nvec, i0, j0, vacc, m); break;
-        case 7: tile_f32_avx512<1, 2>(buf, nvec, i0, j0, vacc, m); break;
-        default: tile_f32_avx512<1, 1>(buf, nvec, i0, j0, vacc, m); break;
+                                                               float* vacc, const BlockPrefetch& prefetch) {
+  int64_t t = 0;
+  for (int64_t i0 = 0; i0 < m; i0 += kGroupAvx512) {
+    const int64_t rows = std::min(kGroupAvx512, m - i0);
+    switch (rows) {
+      case 5: tile_f32_avx512<5, 5, true>(buf, nvec, i0, i0, vacc, m, prefetch.tile(t++)); break;
+      case 4: tile_f32_avx512<4, 4, true>(buf, nvec, i0, i0, vacc, m, prefetch.tile(t++)); break;
+      case 3: tile_f32_avx512<3, 3, true>(buf, nvec, i0, i0, vacc, m, prefetch.tile(t++)); break;
+      case 2: tile_f32_avx512<2, 2, true>(buf, nvec, i0, i0, vacc, m, prefetch.tile(t++)); break;
+      default: tile_f32_avx512<1, 1, true>(buf, nvec, i0, i0, vacc, m, prefetch.tile(t++)); break;
+    }
+    for (int64_t j0 = i0 + kGroupAvx512; j0 < m; j0 += kGroupAvx512) {
+      const int64_t cols = std::min(kGroupAvx512, m - j0);
+      switch (rows) {
+        case 5: row_tiles_f32_avx512<5>(buf, nvec, i0, j0, cols, vacc, m, prefetch.tile(t++)); break;
+        case 4: row_tiles_f32_avx512<4>(buf, nvec, i0, j0, cols, vacc, m, prefetch.tile(t++)); break;
+        case 3: row_tiles_f32_avx512<3>(buf, nvec, i0, j0, cols, vacc, m, prefetch.tile(t++)); break;
+        case 2: row_tiles_f32_avx512<2>(buf, nvec, i0, j0, cols, vacc, m, prefetch.tile(t++)); break;
+        default: row_tiles_f32_avx512<1>(buf, nvec, i0, j0, cols, vacc, m, prefetch.tile(t++)); break;
       }
     }
   }
@@ -360,6 +406,9 @@ DIVFAST_INLINE void item_impl(const scalar_t* x, int64_t m, int64_t b, int64_t d
                               int64_t hi, bool take_abs, const acc_t* inv, acc_t* buf, double* r) {
   acc_t* base = buf + m * kBlock;  // member 0's scaled values
   [[maybe_unused]] int64_t flushed = 0;  // blocks in the tiles' float lanes (vacc)
+  constexpr bool kTiles = kIsa > 0 && std::is_same_v<acc_t, float>;  // the SIMD tiles run
+  const int64_t tiles = m < 2 ? 0 : tiles_per_block(m - 1, kIsa == 2 ? kGroupAvx512 : kGroupAvx2);
+  const int64_t spread = kTiles ? std::min(m, tiles * kPrefetchRowsPerTile) : 0;  // rows the tiles ask for
   for (int64_t p0 = lo; p0 < hi; p0 += kBlock) {
     const int64_t n = std::min(kBlock, hi - p0);
     constexpr int64_t kLanes = kIsa == 2 ? 16 : 8;
@@ -385,21 +434,30 @@ DIVFAST_INLINE void item_impl(const scalar_t* x, int64_t m, int64_t b, int64_t d
         }
         for (int64_t k = n; k < padded; ++k) dst[k] = 0;
       }
-      // M rows far apart in memory outrun the hardware prefetcher: ask for a later block now, far
-      // enough ahead that it arrives while this block's products run.
-      for (int64_t k = from; k < to; k += 64 / static_cast<int64_t>(sizeof(scalar_t)))
-        __builtin_prefetch(src + k, 0, 2);
+      // M rows far apart in memory outrun the hardware prefetcher: ask for a later block, far enough
+      // ahead that it arrives while the products run. The SIMD tiles ask for the first `spread`
+      // rows' windows themselves; here: the rest, and at an item's first block everything up to it.
+      if (p0 == lo || i >= spread)
+        for (int64_t k = from; k < to; k += 64 / static_cast<int64_t>(sizeof(scalar_t)))
+          __builtin_prefetch(src + k, 0, 2);
     }
     if (m < 2) continue;
 #if defined(__x86_64__)
-    if constexpr (kIsa > 0 && std::is_same_v<acc_t, float>) {
+    if constexpr (kTiles) {
       float* vacc = buf + (m + 1) * kBlock;
       const bool flush = ++flushed == kFlushBlocks || p0 + kBlock >= hi;
+      BlockPrefetch prefetch;  // the block kPrefetchBlocks ahead: this item's, or the next chunk's
+      if (p0 + far < d) {
+        const int64_t row_bytes = b * d * static_cast<int64_t>(sizeof(scalar_t));
+        const int64_t step = static_cast<int64_t>(sizeof(scalar_t)) * kLanes;
+        prefetch = {reinterpret_cast<const char*>(x + s * d + p0 + far), spread, kPrefetchRowsPerTile,
+                    row_bytes, step};
+      }
       if constexpr (kIsa == 2) {
-        gram_block_f32_avx512(buf, m - 1, padded / 16, vacc);
+        gram_block_f32_avx512(buf, m - 1, padded / 16, vacc, prefetch);
         if (flush) flush_f32_avx512(vacc, m - 1, r + m + 1, m);
       } else {
-        gram_block_f32_avx2(buf, m - 1, padded / 8, vacc);
+        gram_block_f32_avx2(buf, m - 1, padded / 8, vacc, prefetch);
         if (flush) flush_f32_avx2(vacc, m - 1, r + m + 1, m);
       }
       if (flush) flushed = 0;
