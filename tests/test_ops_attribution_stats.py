@@ -203,6 +203,18 @@ def test_non_finite_maps_are_an_error(device, gen, bad):
                 reference.attribution_stats(a, True, norm, 0)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_non_finite_values_in_whole_blocks_are_an_error(device, gen, bad, dtype):
+    """Maps of whole 256-pixel blocks, which the AVX-512 tiles read and convert themselves."""
+    for index in [(0, 1, 0, 100), (4, 0, 1, 255), (6, 1, 1, 0)]:
+        a = maps(gen, 7, 2, 2, 256, dtype=dtype, device=device)
+        a[index] = bad
+        for norm in ("none", "l2"):
+            with pytest.raises(ValueError, match="attributions.*NaN or infinity"):
+                kernel(a, True, norm, 0)
+
+
 @pytest.mark.parametrize("args, error, match", [
     ((torch.zeros(3),), ValueError, "attributions.*M, B"),
     ((torch.zeros(3, 2, 4, dtype=torch.int64),), TypeError, "attributions.*float"),

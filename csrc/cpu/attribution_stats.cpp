@@ -4,9 +4,10 @@
 //
 // Work items are (sample, chunk of pixels). An item streams its chunk in blocks of kBlock pixels: the
 // M members' blocks are converted (|.|, times 1/norm) into a small L1-resident buffer as differences
-// from member 0's value at each pixel, and every pair of those M - 1 rows' dot product over the block
-// is formed in the accumulation type (float for 16/32-bit maps, double for float64) in register
-// tiles (the SIMD tiles keep each pair's vector lanes across kFlushBlocks blocks), then added to the
+// from member 0's value at each pixel (under AVX-512 by the first tiles that read them), and every
+// pair of those M - 1 rows' dot product over the block is formed in the accumulation type (float
+// for 16/32-bit maps, double for float64) in register tiles (the SIMD tiles keep each pair's vector
+// lanes across kFlushBlocks blocks, and ask for a later block's lines as they go), then added to the
 // item's float64 sums; each sample's sums are then centred on the members' mean in float64
 // (centre_products). Shifting first makes the products those of differences (no
 // cancellation between large Gram entries), so members that differ by 1e-4 of their values still get
@@ -334,6 +335,83 @@ __attribute__((target("avx512f"), always_inline)) inline void tile_f32_avx512(
       if (!kDiag || di <= dj) _mm512_storeu_ps(vacc + ((i0 + di) * vld + j0 + dj) * 16, acc[di][dj]);
 }
 
+// A full block's maps, read by the AVX-512 diagonal tiles themselves (see gram_block_f32_avx512):
+// member i's block starts at first + i * row_stride values; inv[i] is its 1 / norm.
+template <typename scalar_t>
+struct BlockSource {
+  const scalar_t* first = nullptr;
+  int64_t row_stride = 0;
+  const float* inv = nullptr;
+  bool take_abs = false, scaled = false;  // scaled: some inv[i] != 1
+};
+
+// 16 map values as floats, exactly as static_cast<float> converts them.
+template <typename scalar_t>
+__attribute__((target("avx512f"), always_inline)) inline __m512 load16(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return _mm512_loadu_ps(p);
+  } else if constexpr (std::is_same_v<scalar_t, at::Half>) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  } else {
+    static_assert(std::is_same_v<scalar_t, at::BFloat16>);
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  }
+}
+
+// 16 values at p converted as the conversion loop does: |x| (abs_mask clears the sign bit, or is
+// all ones), times scale when scaled.
+template <typename scalar_t>
+__attribute__((target("avx512f"), always_inline)) inline __m512 converted16(const scalar_t* p, __m512i abs_mask,
+                                                                           bool scaled, float scale) {
+  __m512 v = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(load16(p)), abs_mask));
+  return scaled ? _mm512_mul_ps(v, _mm512_set1_ps(scale)) : v;
+}
+
+// The diagonal tile of shifted rows i0..i0+R-1 over a full block, converting those rows itself: each
+// step reads the R members' values (and member 0's) from the maps, shifts them, stores them in buf
+// for the rectangles that follow, and forms their products, so the conversion's loads and stores run
+// beside the FMAs instead of in a pass of their own. The values are those the conversion loop
+// writes, bit for bit (the same operations in the same order).
+template <typename scalar_t, int R>
+__attribute__((target("avx512f"), always_inline)) inline void diag_tile_converting_f32_avx512(
+    float* buf, int64_t nvec, int64_t i0, float* vacc, int64_t vld, TilePrefetch pf,
+    const BlockSource<scalar_t>& src) {
+  __m512 acc[R][R];
+#pragma GCC unroll 5
+  for (int di = 0; di < R; ++di)
+#pragma GCC unroll 5
+    for (int dj = di; dj < R; ++dj) acc[di][dj] = _mm512_loadu_ps(vacc + ((i0 + di) * vld + i0 + dj) * 16);
+  // Locals, so that the stores to buf cannot be taken to change them.
+  const scalar_t* row[R + 1];  // member 0, then members i0 + 1 ..
+  float scale[R + 1];
+  row[0] = src.first, scale[0] = src.inv[0];
+#pragma GCC unroll 5
+  for (int di = 0; di < R; ++di)
+    row[di + 1] = src.first + (i0 + di + 1) * src.row_stride, scale[di + 1] = src.inv[i0 + di + 1];
+  const __m512i abs_mask = _mm512_set1_epi32(src.take_abs ? 0x7fffffff : -1);
+  const bool scaled = src.scaled;
+  for (int64_t v = 0; v < nvec; ++v) {
+    prefetch_step(pf, v);
+    const int64_t k = v * 16;
+    const __m512 base = converted16(row[0] + k, abs_mask, scaled, scale[0]);
+    __m512 x[R];
+#pragma GCC unroll 5
+    for (int di = 0; di < R; ++di) {
+      x[di] = _mm512_sub_ps(converted16(row[di + 1] + k, abs_mask, scaled, scale[di + 1]), base);
+      _mm512_storeu_ps(buf + (i0 + di) * kBlock + k, x[di]);
+    }
+#pragma GCC unroll 5
+    for (int dj = 0; dj < R; ++dj)
+#pragma GCC unroll 5
+      for (int di = 0; di <= dj; ++di) acc[di][dj] = _mm512_fmadd_ps(x[di], x[dj], acc[di][dj]);
+  }
+#pragma GCC unroll 5
+  for (int di = 0; di < R; ++di)
+#pragma GCC unroll 5
+    for (int dj = di; dj < R; ++dj) _mm512_storeu_ps(vacc + ((i0 + di) * vld + i0 + dj) * 16, acc[di][dj]);
+}
+
 template <int R>
 __attribute__((target("avx512f"), always_inline)) inline void row_tiles_f32_avx512(
     const float* buf, int64_t nvec, int64_t i0, int64_t j0, int64_t cols, float* vacc, int64_t vld,
@@ -347,18 +425,37 @@ __attribute__((target("avx512f"), always_inline)) inline void row_tiles_f32_avx5
   }
 }
 
-__attribute__((target("avx512f"))) void gram_block_f32_avx512(const float* buf, int64_t m, int64_t nvec,
-                                                               float* vacc, const BlockPrefetch& prefetch) {
+// All diagonal tiles first, then the rectangles: with `src` (a full block), the diagonal tiles
+// convert their rows from the maps (diag_tile_converting_f32_avx512), which the rectangles then read;
+// without, buf holds them already.
+template <typename scalar_t>
+__attribute__((target("avx512f"))) void gram_block_f32_avx512(float* buf, int64_t m, int64_t nvec, float* vacc,
+                                                               const BlockPrefetch& prefetch,
+                                                               const BlockSource<scalar_t>* src) {
   int64_t t = 0;
   for (int64_t i0 = 0; i0 < m; i0 += kGroupAvx512) {
     const int64_t rows = std::min(kGroupAvx512, m - i0);
-    switch (rows) {
-      case 5: tile_f32_avx512<5, 5, true>(buf, nvec, i0, i0, vacc, m, prefetch.tile(t++)); break;
-      case 4: tile_f32_avx512<4, 4, true>(buf, nvec, i0, i0, vacc, m, prefetch.tile(t++)); break;
-      case 3: tile_f32_avx512<3, 3, true>(buf, nvec, i0, i0, vacc, m, prefetch.tile(t++)); break;
-      case 2: tile_f32_avx512<2, 2, true>(buf, nvec, i0, i0, vacc, m, prefetch.tile(t++)); break;
-      default: tile_f32_avx512<1, 1, true>(buf, nvec, i0, i0, vacc, m, prefetch.tile(t++)); break;
+    const TilePrefetch pf = prefetch.tile(t++);
+    if (src != nullptr) {
+      switch (rows) {
+        case 5: diag_tile_converting_f32_avx512<scalar_t, 5>(buf, nvec, i0, vacc, m, pf, *src); break;
+        case 4: diag_tile_converting_f32_avx512<scalar_t, 4>(buf, nvec, i0, vacc, m, pf, *src); break;
+        case 3: diag_tile_converting_f32_avx512<scalar_t, 3>(buf, nvec, i0, vacc, m, pf, *src); break;
+        case 2: diag_tile_converting_f32_avx512<scalar_t, 2>(buf, nvec, i0, vacc, m, pf, *src); break;
+        default: diag_tile_converting_f32_avx512<scalar_t, 1>(buf, nvec, i0, vacc, m, pf, *src); break;
+      }
+      continue;
     }
+    switch (rows) {
+      case 5: tile_f32_avx512<5, 5, true>(buf, nvec, i0, i0, vacc, m, pf); break;
+      case 4: tile_f32_avx512<4, 4, true>(buf, nvec, i0, i0, vacc, m, pf); break;
+      case 3: tile_f32_avx512<3, 3, true>(buf, nvec, i0, i0, vacc, m, pf); break;
+      case 2: tile_f32_avx512<2, 2, true>(buf, nvec, i0, i0, vacc, m, pf); break;
+      default: tile_f32_avx512<1, 1, true>(buf, nvec, i0, i0, vacc, m, pf); break;
+    }
+  }
+  for (int64_t i0 = 0; i0 < m; i0 += kGroupAvx512) {
+    const int64_t rows = std::min(kGroupAvx512, m - i0);
     for (int64_t j0 = i0 + kGroupAvx512; j0 < m; j0 += kGroupAvx512) {
       const int64_t cols = std::min(kGroupAvx512, m - j0);
       switch (rows) {
@@ -399,8 +496,8 @@ __attribute__((target("avx512f"))) void flush_f32_avx512(float* vacc, int64_t m,
 // inv: 1 / norm of each member's map for this sample. No finiteness check per value (a loop-carried
 // sum that capped the pass at one vector per add latency): a NaN or an infinity in the maps makes
 // some shifted value non-finite and so its own product, which attribution_stats_cpu looks for.
-// kIsa: 0 portable, 1 AVX2 + FMA, 2 AVX-512 (the products' tiles; the conversion is vectorised by
-// the compiler for the same target).
+// kIsa: 0 portable, 1 AVX2 + FMA, 2 AVX-512 (the products' tiles; the conversion loop is vectorised
+// by the compiler for the same target; under AVX-512 the diagonal tiles convert full blocks).
 template <typename scalar_t, typename acc_t, int kIsa>
 DIVFAST_INLINE void item_impl(const scalar_t* x, int64_t m, int64_t b, int64_t d, int64_t s, int64_t lo,
                               int64_t hi, bool take_abs, const acc_t* inv, acc_t* buf, double* r) {
@@ -409,6 +506,7 @@ DIVFAST_INLINE void item_impl(const scalar_t* x, int64_t m, int64_t b, int64_t d
   constexpr bool kTiles = kIsa > 0 && std::is_same_v<acc_t, float>;  // the SIMD tiles run
   const int64_t tiles = m < 2 ? 0 : tiles_per_block(m - 1, kIsa == 2 ? kGroupAvx512 : kGroupAvx2);
   const int64_t spread = kTiles ? std::min(m, tiles * kPrefetchRowsPerTile) : 0;  // rows the tiles ask for
+  [[maybe_unused]] const bool scaled = std::any_of(inv, inv + m, [](acc_t v) { return v != acc_t(1); });
   for (int64_t p0 = lo; p0 < hi; p0 += kBlock) {
     const int64_t n = std::min(kBlock, hi - p0);
     constexpr int64_t kLanes = kIsa == 2 ? 16 : 8;
@@ -416,7 +514,9 @@ DIVFAST_INLINE void item_impl(const scalar_t* x, int64_t m, int64_t b, int64_t d
     // Prefetch window: the block kPrefetchBlocks ahead (at an item's first block, all up to it).
     const int64_t far = kPrefetchBlocks * kBlock;
     const int64_t from = p0 == lo ? n : far, to = std::min(far + kBlock, hi - p0);
-    for (int64_t i = 0; i < m; ++i) {
+    // A full block under AVX-512: the diagonal tiles convert the rows themselves.
+    const bool converting = kTiles && kIsa == 2 && m >= 2 && n == kBlock;
+    for (int64_t i = 0; i < m && !converting; ++i) {
       const scalar_t* src = x + (i * b + s) * d + p0;
       acc_t* dst = i == 0 ? base : buf + (i - 1) * kBlock;
       const acc_t scale = inv[i];
@@ -434,13 +534,13 @@ DIVFAST_INLINE void item_impl(const scalar_t* x, int64_t m, int64_t b, int64_t d
         }
         for (int64_t k = n; k < padded; ++k) dst[k] = 0;
       }
-      // M rows far apart in memory outrun the hardware prefetcher: ask for a later block, far enough
-      // ahead that it arrives while the products run. The SIMD tiles ask for the first `spread`
-      // rows' windows themselves; here: the rest, and at an item's first block everything up to it.
-      if (p0 == lo || i >= spread)
-        for (int64_t k = from; k < to; k += 64 / static_cast<int64_t>(sizeof(scalar_t)))
-          __builtin_prefetch(src + k, 0, 2);
     }
+    // M rows far apart in memory outrun the hardware prefetcher: ask for a later block, far enough
+    // ahead that it arrives while the products run. The SIMD tiles ask for the first `spread` rows'
+    // windows themselves; here: the rest, and at an item's first block everything up to it.
+    for (int64_t i = p0 == lo ? 0 : spread; i < m; ++i)
+      for (int64_t k = from; k < to; k += 64 / static_cast<int64_t>(sizeof(scalar_t)))
+        __builtin_prefetch(x + (i * b + s) * d + p0 + k, 0, 2);
     if (m < 2) continue;
 #if defined(__x86_64__)
     if constexpr (kTiles) {
@@ -454,7 +554,8 @@ DIVFAST_INLINE void item_impl(const scalar_t* x, int64_t m, int64_t b, int64_t d
                     row_bytes, step};
       }
       if constexpr (kIsa == 2) {
-        gram_block_f32_avx512(buf, m - 1, padded / 16, vacc, prefetch);
+        const BlockSource<scalar_t> source{x + s * d + p0, b * d, inv, take_abs, scaled};
+        gram_block_f32_avx512<scalar_t>(buf, m - 1, padded / 16, vacc, prefetch, converting ? &source : nullptr);
         if (flush) flush_f32_avx512(vacc, m - 1, r + m + 1, m);
       } else {
         gram_block_f32_avx2(buf, m - 1, padded / 8, vacc, prefetch);
