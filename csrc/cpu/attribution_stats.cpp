@@ -4,7 +4,7 @@
 //
 // Work items are (sample, chunk of pixels). An item streams its chunk in blocks of kBlock pixels: the
 // M members' blocks are converted (|.|, times 1/norm) into a small L1-resident buffer as differences
-// from member 0's value at each pixel (under AVX-512 by the first tiles that read them), and every
+// from member 0's value at each pixel (for whole blocks, by the SIMD tiles that read them first), and every
 // pair of those M - 1 rows' dot product over the block is formed in the accumulation type (float
 // for 16/32-bit maps, double for float64) in register tiles (the SIMD tiles keep each pair's vector
 // lanes across kFlushBlocks blocks, and ask for a later block's lines as they go), then added to the
@@ -209,6 +209,80 @@ inline __attribute__((always_inline)) void prefetch_step(const TilePrefetch& pf,
 static_assert(kPrefetchRowsPerTile == 3, "prefetch_step asks for up to 3 rows");
 
 #if defined(__x86_64__)
+// A full block's maps, read by the SIMD diagonal tiles themselves (see gram_block_f32_avx512):
+// member i's block starts at first + i * row_stride values; inv[i] is its 1 / norm.
+template <typename scalar_t>
+struct BlockSource {
+  const scalar_t* first = nullptr;
+  int64_t row_stride = 0;
+  const float* inv = nullptr;
+  bool take_abs = false, scaled = false;  // scaled: some inv[i] != 1
+};
+
+// 8 map values as floats, exactly as static_cast<float> converts them (F16C for float16).
+template <typename scalar_t>
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline __m256 load8(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return _mm256_loadu_ps(p);
+  } else if constexpr (std::is_same_v<scalar_t, at::Half>) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  } else {
+    static_assert(std::is_same_v<scalar_t, at::BFloat16>);
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+  }
+}
+
+// load8 converted as the conversion loop does: |x| (abs_mask clears the sign bit, or is all ones),
+// times scale when scaled.
+template <typename scalar_t>
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline __m256 converted8(const scalar_t* p, __m256 abs_mask,
+                                                                                bool scaled, float scale) {
+  const __m256 v = _mm256_and_ps(load8(p), abs_mask);
+  return scaled ? _mm256_mul_ps(v, _mm256_set1_ps(scale)) : v;
+}
+
+// The AVX2 twin of diag_tile_converting_f32_avx512 (below): the diagonal tile of shifted rows
+// i0..i0+R-1 over a full block converts those rows from the maps, stores them in buf for the
+// rectangles, and forms their products.
+template <typename scalar_t, int R>
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline void diag_tile_converting_f32_avx2(
+    float* buf, int64_t nvec, int64_t i0, float* vacc, int64_t vld, TilePrefetch pf,
+    const BlockSource<scalar_t>& src) {
+  __m256 acc[R][R];
+#pragma GCC unroll 3
+  for (int di = 0; di < R; ++di)
+#pragma GCC unroll 3
+    for (int dj = di; dj < R; ++dj) acc[di][dj] = _mm256_loadu_ps(vacc + ((i0 + di) * vld + i0 + dj) * 16);
+  const scalar_t* row[R + 1];  // member 0, then members i0 + 1 ..; locals (buf's stores alias nothing)
+  float scale[R + 1];
+  row[0] = src.first, scale[0] = src.inv[0];
+#pragma GCC unroll 3
+  for (int di = 0; di < R; ++di)
+    row[di + 1] = src.first + (i0 + di + 1) * src.row_stride, scale[di + 1] = src.inv[i0 + di + 1];
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(src.take_abs ? 0x7fffffff : -1));
+  const bool scaled = src.scaled;
+  for (int64_t v = 0; v < nvec; ++v) {
+    prefetch_step(pf, v);
+    const int64_t k = v * 8;
+    const __m256 base = converted8(row[0] + k, abs_mask, scaled, scale[0]);
+    __m256 x[R];
+#pragma GCC unroll 3
+    for (int di = 0; di < R; ++di) {
+      x[di] = _mm256_sub_ps(converted8(row[di + 1] + k, abs_mask, scaled, scale[di + 1]), base);
+      _mm256_storeu_ps(buf + (i0 + di) * kBlock + k, x[di]);
+    }
+#pragma GCC unroll 3
+    for (int dj = 0; dj < R; ++dj)
+#pragma GCC unroll 3
+      for (int di = 0; di <= dj; ++di) acc[di][dj] = _mm256_fmadd_ps(x[di], x[dj], acc[di][dj]);
+  }
+#pragma GCC unroll 3
+  for (int di = 0; di < R; ++di)
+#pragma GCC unroll 3
+    for (int dj = di; dj < R; ++dj) _mm256_storeu_ps(vacc + ((i0 + di) * vld + i0 + dj) * 16, acc[di][dj]);
+}
+
 // One R x C tile of member pairs (rows i0.., columns j0..) over a block of nvec * 8 floats. The R
 // rows' vectors are loaded once per step and each column's once, as its R FMAs need it: R * C
 // accumulators, R rows and a column stay in registers (at most 9 + 3 + 1 of AVX2's 16). A diagonal
@@ -261,17 +335,33 @@ __attribute__((target("avx2,fma"), always_inline)) inline void row_tiles_f32_avx
 // The float path's hot loop: products of every pair of buf's m rows over one block (nvec * 8 floats
 // each, zero-padded, row stride kBlock) added to vacc (m x m pairs of 8 lanes, stride 16 floats):
 // rows in groups of 3, a triangle tile per group and a 3 x 3 rectangle (9 FMAs per 6 loads) per
-// pair of groups, smaller at the edge.
-__attribute__((target("avx2,fma"))) void gram_block_f32_avx2(const float* buf, int64_t m, int64_t nvec,
-                                                             float* vacc, const BlockPrefetch& prefetch) {
+// pair of groups, smaller at the edge. All triangles first: with `src` (a full block) they convert
+// their rows from the maps (diag_tile_converting_f32_avx2) for the rectangles; without, buf holds
+// them already.
+template <typename scalar_t>
+__attribute__((target("avx2,fma,f16c"))) void gram_block_f32_avx2(float* buf, int64_t m, int64_t nvec, float* vacc,
+                                                                  const BlockPrefetch& prefetch,
+                                                                  const BlockSource<scalar_t>* src) {
   int64_t t = 0;
   for (int64_t i0 = 0; i0 < m; i0 += kGroupAvx2) {
     const int64_t rows = std::min(kGroupAvx2, m - i0);
-    switch (rows) {
-      case 3: tile_f32_avx2<3, 3, true>(buf, nvec, i0, i0, vacc, m, prefetch.tile(t++)); break;
-      case 2: tile_f32_avx2<2, 2, true>(buf, nvec, i0, i0, vacc, m, prefetch.tile(t++)); break;
-      default: tile_f32_avx2<1, 1, true>(buf, nvec, i0, i0, vacc, m, prefetch.tile(t++)); break;
+    const TilePrefetch pf = prefetch.tile(t++);
+    if (src != nullptr) {
+      switch (rows) {
+        case 3: diag_tile_converting_f32_avx2<scalar_t, 3>(buf, nvec, i0, vacc, m, pf, *src); break;
+        case 2: diag_tile_converting_f32_avx2<scalar_t, 2>(buf, nvec, i0, vacc, m, pf, *src); break;
+        default: diag_tile_converting_f32_avx2<scalar_t, 1>(buf, nvec, i0, vacc, m, pf, *src); break;
+      }
+      continue;
     }
+    switch (rows) {
+      case 3: tile_f32_avx2<3, 3, true>(buf, nvec, i0, i0, vacc, m, pf); break;
+      case 2: tile_f32_avx2<2, 2, true>(buf, nvec, i0, i0, vacc, m, pf); break;
+      default: tile_f32_avx2<1, 1, true>(buf, nvec, i0, i0, vacc, m, pf); break;
+    }
+  }
+  for (int64_t i0 = 0; i0 < m; i0 += kGroupAvx2) {
+    const int64_t rows = std::min(kGroupAvx2, m - i0);
     for (int64_t j0 = i0 + kGroupAvx2; j0 < m; j0 += kGroupAvx2) {
       const int64_t cols = std::min(kGroupAvx2, m - j0);
       switch (rows) {
@@ -334,16 +424,6 @@ __attribute__((target("avx512f"), always_inline)) inline void tile_f32_avx512(
     for (int dj = 0; dj < C; ++dj)
       if (!kDiag || di <= dj) _mm512_storeu_ps(vacc + ((i0 + di) * vld + j0 + dj) * 16, acc[di][dj]);
 }
-
-// A full block's maps, read by the AVX-512 diagonal tiles themselves (see gram_block_f32_avx512):
-// member i's block starts at first + i * row_stride values; inv[i] is its 1 / norm.
-template <typename scalar_t>
-struct BlockSource {
-  const scalar_t* first = nullptr;
-  int64_t row_stride = 0;
-  const float* inv = nullptr;
-  bool take_abs = false, scaled = false;  // scaled: some inv[i] != 1
-};
 
 // 16 map values as floats, exactly as static_cast<float> converts them.
 template <typename scalar_t>
@@ -497,7 +577,7 @@ __attribute__((target("avx512f"))) void flush_f32_avx512(float* vacc, int64_t m,
 // sum that capped the pass at one vector per add latency): a NaN or an infinity in the maps makes
 // some shifted value non-finite and so its own product, which attribution_stats_cpu looks for.
 // kIsa: 0 portable, 1 AVX2 + FMA, 2 AVX-512 (the products' tiles; the conversion loop is vectorised
-// by the compiler for the same target; under AVX-512 the diagonal tiles convert full blocks).
+// by the compiler for the same target; the SIMD diagonal tiles convert full blocks themselves).
 template <typename scalar_t, typename acc_t, int kIsa>
 DIVFAST_INLINE void item_impl(const scalar_t* x, int64_t m, int64_t b, int64_t d, int64_t s, int64_t lo,
                               int64_t hi, bool take_abs, const acc_t* inv, acc_t* buf, double* r) {
@@ -514,8 +594,8 @@ DIVFAST_INLINE void item_impl(const scalar_t* x, int64_t m, int64_t b, int64_t d
     // Prefetch window: the block kPrefetchBlocks ahead (at an item's first block, all up to it).
     const int64_t far = kPrefetchBlocks * kBlock;
     const int64_t from = p0 == lo ? n : far, to = std::min(far + kBlock, hi - p0);
-    // A full block under AVX-512: the diagonal tiles convert the rows themselves.
-    const bool converting = kTiles && kIsa == 2 && m >= 2 && n == kBlock;
+    // A full block under the SIMD tiles: the diagonal tiles convert the rows themselves.
+    const bool converting = kTiles && m >= 2 && n == kBlock;
     for (int64_t i = 0; i < m && !converting; ++i) {
       const scalar_t* src = x + (i * b + s) * d + p0;
       acc_t* dst = i == 0 ? base : buf + (i - 1) * kBlock;
@@ -553,12 +633,12 @@ DIVFAST_INLINE void item_impl(const scalar_t* x, int64_t m, int64_t b, int64_t d
         prefetch = {reinterpret_cast<const char*>(x + s * d + p0 + far), spread, kPrefetchRowsPerTile,
                     row_bytes, step};
       }
+      const BlockSource<scalar_t> source{x + s * d + p0, b * d, inv, take_abs, scaled};
       if constexpr (kIsa == 2) {
-        const BlockSource<scalar_t> source{x + s * d + p0, b * d, inv, take_abs, scaled};
         gram_block_f32_avx512<scalar_t>(buf, m - 1, padded / 16, vacc, prefetch, converting ? &source : nullptr);
         if (flush) flush_f32_avx512(vacc, m - 1, r + m + 1, m);
       } else {
-        gram_block_f32_avx2(buf, m - 1, padded / 8, vacc, prefetch);
+        gram_block_f32_avx2<scalar_t>(buf, m - 1, padded / 8, vacc, prefetch, converting ? &source : nullptr);
         if (flush) flush_f32_avx2(vacc, m - 1, r + m + 1, m);
       }
       if (flush) flushed = 0;
@@ -576,7 +656,7 @@ DIVFAST_INLINE void item_impl(const scalar_t* x, int64_t m, int64_t b, int64_t d
 
 #if defined(__x86_64__)
 template <typename scalar_t, typename acc_t>
-__attribute__((target("avx2,fma"))) void item_avx2(DIVFAST_ITEM_ARGS(scalar_t, acc_t)) {
+__attribute__((target("avx2,fma,f16c"))) void item_avx2(DIVFAST_ITEM_ARGS(scalar_t, acc_t)) {
   item_impl<scalar_t, acc_t, 1>(DIVFAST_ITEM_CALL);
 }
 

@@ -26,9 +26,10 @@ inline int cpu_baseline_level() {
 inline bool cpu_baseline_forced() { return cpu_baseline_level() == 2; }
 
 #if defined(__x86_64__)
+// AVX2 and FMA, and F16C (float16 conversions; every CPU with AVX2 has it): the "avx2" paths.
 inline bool cpu_has_avx2_fma() {
-  static const bool has =
-      !cpu_baseline_forced() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool has = !cpu_baseline_forced() && __builtin_cpu_supports("avx2") &&
+                          __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   return has;
 }
 
