@@ -62,9 +62,13 @@ def test_reference_matches_direct_formula(gen):
 @pytest.mark.parametrize("norm", NORMS)
 def test_kernel_matches_reference(device, gen, dtype, norm):
     # odd sizes: M odd and even, pixel counts below, at and above the kernel's block and chunk sizes
+    # (256-pixel blocks; members 3 and 4 take the AVX2 tiles, 5 and more AVX-512's where the CPU has
+    # it: groups of 5 rows, so 7, 8, 10 and 16 members reach triangles of 1 to 5 rows and rectangles
+    # of 5 x 1 to 5 x 5, and whole blocks are converted by the triangles)
     for shape in [(3, 4, 3, 5, 7), (14, 3, 3, 9, 11), (2, 2, 1, 128, 1), (5, 2, 1, 256, 1),
                   (14, 2, 1, 257, 1), (5, 2, 3, 70, 80), (1, 3, 3, 4, 4), (32, 2, 1, 33, 1),
-                  (33, 2, 1, 10, 3), (11, 2, 1, 300, 1)]:
+                  (33, 2, 1, 10, 3), (11, 2, 1, 300, 1), (3, 2, 1, 512, 1), (4, 2, 1, 300, 1),
+                  (7, 2, 1, 512, 1), (8, 2, 1, 512, 1), (10, 2, 1, 300, 1), (16, 2, 1, 300, 1)]:
         a = maps(gen, *shape, dtype=dtype, device=device)
         for abs_, ddof in [(True, 0), (False, 1 if shape[0] > 1 else 0)]:
             assert_matches(kernel(a, abs_, norm, ddof), reference.attribution_stats(a, abs_, norm, ddof),
@@ -203,10 +207,22 @@ def test_non_finite_maps_are_an_error(device, gen, bad):
                 reference.attribution_stats(a, True, norm, 0)
 
 
+@pytest.mark.parametrize("members", [3, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_whole_blocks_give_the_conversion_loops_bits(gen, members, dtype):
+    """The SIMD tiles convert whole 256-pixel blocks themselves, the conversion loop a partial one:
+    maps of 1,280 pixels whose last is 0 must give exactly the results of the first 1,279."""
+    a = maps(gen, members, 3, 1280, dtype=dtype)
+    a[..., -1] = 0
+    for norm in ("none", "l1", "max"):
+        whole, partial = kernel(a, True, norm, 0), kernel(a[..., :-1].contiguous(), True, norm, 0)
+        assert torch.equal(whole[0], partial[0]) and torch.equal(whole[1], partial[1]), norm
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_non_finite_values_in_whole_blocks_are_an_error(device, gen, bad, dtype):
-    """Maps of whole 256-pixel blocks, which the AVX-512 tiles read and convert themselves."""
+    """Maps of whole 256-pixel blocks, which the CPU's SIMD tiles read and convert themselves."""
     for index in [(0, 1, 0, 100), (4, 0, 1, 255), (6, 1, 1, 0)]:
         a = maps(gen, 7, 2, 2, 256, dtype=dtype, device=device)
         a[index] = bad

@@ -42,7 +42,7 @@ CHILD = textwrap.dedent("""
 
     # 14 members and 3 x 40 x 40 maps: several blocks per work item and a partial last block; 3 x 100
     # x 100: work items of 8 blocks (the last of 6), so the SIMD tiles' lanes are flushed midway and
-    # at the end; 11 and 16 members: AVX-512 tiles of every shape (groups of 5 rows: 5 + 5, 5 + 5 + 5)
+    # at the end; 11 and 16 members: the AVX2 tiles' groups of 3 rows end in 1 and in 3 rows
     for m, shape in [(3, (9, 3, 7, 5)), (14, (4, 3, 16, 16)), (1, (2, 1, 3, 3)), (14, (2, 3, 40, 40)),
                      (6, (3, 1, 131, 67)), (5, (2, 3, 100, 100)), (3, (2, 3, 100, 100)),
                      (11, (2, 1, 37, 29)), (16, (2, 3, 30, 30))]:
@@ -52,6 +52,18 @@ CHILD = textwrap.dedent("""
             got = ops.attribution_stats(a, True, normalize, 0)
             torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-4)
+
+    # float16 and bfloat16 maps of whole 256-pixel blocks, which the AVX2 tiles convert themselves
+    # (a partial last block goes through the conversion loop: the same bits when its extra pixel is 0)
+    for m, dtype in itertools.product((3, 6), (torch.float16, torch.bfloat16)):
+        a = torch.randn(m, 2, 512, generator=gen).to(dtype)
+        a[..., -1] = 0
+        want = reference.attribution_stats(a.double(), True, "l2", 0)
+        got = ops.attribution_stats(a, True, "l2", 0)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-4)
+        partial = ops.attribution_stats(a[..., :-1].contiguous(), True, "l2", 0)
+        same(got, partial)
 
     x = torch.randn(5, 9, 13, generator=gen, dtype=torch.float64)
     grams = x @ x.transpose(1, 2)

@@ -180,7 +180,7 @@ struct TilePrefetch {
 };
 
 // A block's prefetches: `rows` rows from `first`, row_stride bytes apart, at most kPrefetchRowsPerTile
-// per tile in tile order (rows beyond tiles * kPrefetchRowsPerTile are asked for at conversion).
+// per tile in tile order (item_impl asks for the rows beyond tiles * kPrefetchRowsPerTile itself).
 constexpr int64_t kPrefetchRowsPerTile = 3;
 struct BlockPrefetch {
   const char* first = nullptr;
@@ -332,6 +332,17 @@ __attribute__((target("avx2,fma"), always_inline)) inline void row_tiles_f32_avx
   }
 }
 
+// The rectangles of a block (tiles t, t + 1, ... in prefetch order): a group with a later group is
+// never the short last one, so every rectangle has kGroupAvx2 rows.
+__attribute__((target("avx2,fma"))) void rectangles_f32_avx2(const float* buf, int64_t m, int64_t nvec,
+                                                             float* vacc, const BlockPrefetch& prefetch,
+                                                             int64_t t) {
+  for (int64_t i0 = 0; i0 + kGroupAvx2 < m; i0 += kGroupAvx2)
+    for (int64_t j0 = i0 + kGroupAvx2; j0 < m; j0 += kGroupAvx2)
+      row_tiles_f32_avx2<kGroupAvx2>(buf, nvec, i0, j0, std::min(kGroupAvx2, m - j0), vacc, m,
+                                     prefetch.tile(t++));
+}
+
 // The float path's hot loop: products of every pair of buf's m rows over one block (nvec * 8 floats
 // each, zero-padded, row stride kBlock) added to vacc (m x m pairs of 8 lanes, stride 16 floats):
 // rows in groups of 3, a triangle tile per group and a 3 x 3 rectangle (9 FMAs per 6 loads) per
@@ -360,17 +371,7 @@ __attribute__((target("avx2,fma,f16c"))) void gram_block_f32_avx2(float* buf, in
       default: tile_f32_avx2<1, 1, true>(buf, nvec, i0, i0, vacc, m, pf); break;
     }
   }
-  for (int64_t i0 = 0; i0 < m; i0 += kGroupAvx2) {
-    const int64_t rows = std::min(kGroupAvx2, m - i0);
-    for (int64_t j0 = i0 + kGroupAvx2; j0 < m; j0 += kGroupAvx2) {
-      const int64_t cols = std::min(kGroupAvx2, m - j0);
-      switch (rows) {
-        case 3: row_tiles_f32_avx2<3>(buf, nvec, i0, j0, cols, vacc, m, prefetch.tile(t++)); break;
-        case 2: row_tiles_f32_avx2<2>(buf, nvec, i0, j0, cols, vacc, m, prefetch.tile(t++)); break;
-        default: row_tiles_f32_avx2<1>(buf, nvec, i0, j0, cols, vacc, m, prefetch.tile(t++)); break;
-      }
-    }
-  }
+  rectangles_f32_avx2(buf, m, nvec, vacc, prefetch, t);
 }
 
 // Adds vacc's upper triangle (m x m pairs of 8 float lanes, 16 floats apart) to raw (float64, row
@@ -390,9 +391,9 @@ __attribute__((target("avx2"))) void flush_f32_avx2(float* vacc, int64_t m, doub
 
 // The same with AVX-512 (32 registers): tiles of up to 5 x 5 pairs over vectors of 16 floats (25
 // accumulators, 5 rows and a column: 31 registers). At M = 13 shifted rows: 6 tiles of 15, 25, 15,
-// 15, 15 and 6 pairs, 39 loads per 91 FMAs; the tiles alone ran at 92 % of the FMA peak (the 4 x 4
-// tiles they replace at 66 %). nvec: vectors of 16; each pair's 16 lanes live in vacc as the AVX2
-// tile's 8 do.
+// 15, 15 and 6 pairs, 39 loads per 91 FMAs. The tiles alone on a block in L1 ran at 92 % of the
+// FMA peak (the 4 x 4 tiles they replace, on 128-pixel blocks: 65 %). nvec: vectors of 16; each
+// pair's 16 lanes live in vacc as the AVX2 tile's 8 do.
 template <int R, int C, bool kDiag = false>
 __attribute__((target("avx512f"), always_inline)) inline void tile_f32_avx512(
     const float* buf, int64_t nvec, int64_t i0, int64_t j0, float* vacc, int64_t vld, TilePrefetch pf) {
@@ -505,6 +506,16 @@ __attribute__((target("avx512f"), always_inline)) inline void row_tiles_f32_avx5
   }
 }
 
+// rectangles_f32_avx2 for AVX-512: every rectangle has kGroupAvx512 rows.
+__attribute__((target("avx512f"))) void rectangles_f32_avx512(const float* buf, int64_t m, int64_t nvec,
+                                                               float* vacc, const BlockPrefetch& prefetch,
+                                                               int64_t t) {
+  for (int64_t i0 = 0; i0 + kGroupAvx512 < m; i0 += kGroupAvx512)
+    for (int64_t j0 = i0 + kGroupAvx512; j0 < m; j0 += kGroupAvx512)
+      row_tiles_f32_avx512<kGroupAvx512>(buf, nvec, i0, j0, std::min(kGroupAvx512, m - j0), vacc, m,
+                                         prefetch.tile(t++));
+}
+
 // All diagonal tiles first, then the rectangles: with `src` (a full block), the diagonal tiles
 // convert their rows from the maps (diag_tile_converting_f32_avx512), which the rectangles then read;
 // without, buf holds them already.
@@ -534,19 +545,7 @@ __attribute__((target("avx512f"))) void gram_block_f32_avx512(float* buf, int64_
       default: tile_f32_avx512<1, 1, true>(buf, nvec, i0, i0, vacc, m, pf); break;
     }
   }
-  for (int64_t i0 = 0; i0 < m; i0 += kGroupAvx512) {
-    const int64_t rows = std::min(kGroupAvx512, m - i0);
-    for (int64_t j0 = i0 + kGroupAvx512; j0 < m; j0 += kGroupAvx512) {
-      const int64_t cols = std::min(kGroupAvx512, m - j0);
-      switch (rows) {
-        case 5: row_tiles_f32_avx512<5>(buf, nvec, i0, j0, cols, vacc, m, prefetch.tile(t++)); break;
-        case 4: row_tiles_f32_avx512<4>(buf, nvec, i0, j0, cols, vacc, m, prefetch.tile(t++)); break;
-        case 3: row_tiles_f32_avx512<3>(buf, nvec, i0, j0, cols, vacc, m, prefetch.tile(t++)); break;
-        case 2: row_tiles_f32_avx512<2>(buf, nvec, i0, j0, cols, vacc, m, prefetch.tile(t++)); break;
-        default: row_tiles_f32_avx512<1>(buf, nvec, i0, j0, cols, vacc, m, prefetch.tile(t++)); break;
-      }
-    }
-  }
+  rectangles_f32_avx512(buf, m, nvec, vacc, prefetch, t);
 }
 
 // flush_f32_avx2 for 16 lanes.
@@ -669,7 +668,8 @@ __attribute__((target("avx512f,avx2,fma"))) void item_avx512(DIVFAST_ITEM_ARGS(s
 template <typename scalar_t, typename acc_t>
 void item(DIVFAST_ITEM_ARGS(scalar_t, acc_t)) {
 #if defined(__x86_64__)
-  // AVX-512's 4 x 4 tiles pay from M = 5 (4 shifted rows); below, the AVX2 path measured faster.
+  // AVX-512 from M = 5 (4 shifted rows); below, one AVX2 tile does the same work (M = 3 and 4 ran
+  // the same either way: 53-54 and 64-66 us per sample in L3).
   if (m >= 5 && cpu_has_avx512f()) return item_avx512<scalar_t, acc_t>(DIVFAST_ITEM_CALL);
   if (cpu_has_avx2_fma()) return item_avx2<scalar_t, acc_t>(DIVFAST_ITEM_CALL);
 #endif

@@ -10,6 +10,10 @@
 #include <cstring>
 #include <strings.h>
 
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
+
 namespace divfast {
 
 // 0: no limit; 1: AVX2 at most (DIVFAST_CPU_BASELINE=avx2, any case); 2: portable (any other
@@ -26,10 +30,17 @@ inline int cpu_baseline_level() {
 inline bool cpu_baseline_forced() { return cpu_baseline_level() == 2; }
 
 #if defined(__x86_64__)
-// AVX2 and FMA, and F16C (float16 conversions; every CPU with AVX2 has it): the "avx2" paths.
+// F16C (float16 conversions; every CPU with AVX2 has it), from CPUID leaf 1 (older clang's
+// __builtin_cpu_supports does not know "f16c").
+inline bool cpu_has_f16c() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 && (ecx & bit_F16C) != 0;
+}
+
+// AVX2, FMA and F16C: the "avx2" paths.
 inline bool cpu_has_avx2_fma() {
   static const bool has = !cpu_baseline_forced() && __builtin_cpu_supports("avx2") &&
-                          __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+                          __builtin_cpu_supports("fma") && cpu_has_f16c();
   return has;
 }
 
