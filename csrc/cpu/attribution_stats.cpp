@@ -4,12 +4,12 @@
 //
 // Work items are (sample, chunk of pixels). An item streams its chunk in blocks of kBlock pixels: the
 // M members' blocks are converted (|.|, times 1/norm) into a small L1-resident buffer as differences
-// from member 0's value at each pixel (for whole blocks, by the SIMD tiles that read them first), and every
-// pair of those M - 1 rows' dot product over the block is formed in the accumulation type (float
-// for 16/32-bit maps, double for float64) in register tiles (the SIMD tiles keep each pair's vector
-// lanes across kFlushBlocks blocks, and ask for a later block's lines as they go), then added to the
-// item's float64 sums; each sample's sums are then centred on the members' mean in float64
-// (centre_products). Shifting first makes the products those of differences (no
+// from member 0's value at each pixel (whole blocks by the SIMD tiles that read them first), and
+// every pair of those M - 1 rows' dot product over the block is formed in the accumulation type
+// (float for 16/32-bit maps, double for float64) in register tiles (the SIMD tiles keep each pair's
+// vector lanes across kFlushBlocks blocks, and ask for a later block's lines as they go), then
+// added to the item's float64 sums; each sample's sums are then centred on the members' mean in
+// float64 (centre_products). Shifting first makes the products those of differences (no
 // cancellation between large Gram entries), so members that differ by 1e-4 of their values still get
 // an accurate diversity. Sums per item are reduced in a fixed order, so results do not depend on the
 // thread count.
@@ -236,8 +236,8 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) inline __m256 load8(cons
 // load8 converted as the conversion loop does: |x| (abs_mask clears the sign bit, or is all ones),
 // times scale when scaled.
 template <typename scalar_t>
-__attribute__((target("avx2,fma,f16c"), always_inline)) inline __m256 converted8(const scalar_t* p, __m256 abs_mask,
-                                                                                bool scaled, float scale) {
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline __m256 converted8(
+    const scalar_t* p, __m256 abs_mask, bool scaled, float scale) {
   const __m256 v = _mm256_and_ps(load8(p), abs_mask);
   return scaled ? _mm256_mul_ps(v, _mm256_set1_ps(scale)) : v;
 }
@@ -350,9 +350,9 @@ __attribute__((target("avx2,fma"))) void rectangles_f32_avx2(const float* buf, i
 // their rows from the maps (diag_tile_converting_f32_avx2) for the rectangles; without, buf holds
 // them already.
 template <typename scalar_t>
-__attribute__((target("avx2,fma,f16c"))) void gram_block_f32_avx2(float* buf, int64_t m, int64_t nvec, float* vacc,
-                                                                  const BlockPrefetch& prefetch,
-                                                                  const BlockSource<scalar_t>* src) {
+__attribute__((target("avx2,fma,f16c"))) void gram_block_f32_avx2(
+    float* buf, int64_t m, int64_t nvec, float* vacc, const BlockPrefetch& prefetch,
+    const BlockSource<scalar_t>* src) {
   int64_t t = 0;
   for (int64_t i0 = 0; i0 < m; i0 += kGroupAvx2) {
     const int64_t rows = std::min(kGroupAvx2, m - i0);
@@ -443,8 +443,8 @@ __attribute__((target("avx512f"), always_inline)) inline __m512 load16(const sca
 // 16 values at p converted as the conversion loop does: |x| (abs_mask clears the sign bit, or is
 // all ones), times scale when scaled.
 template <typename scalar_t>
-__attribute__((target("avx512f"), always_inline)) inline __m512 converted16(const scalar_t* p, __m512i abs_mask,
-                                                                           bool scaled, float scale) {
+__attribute__((target("avx512f"), always_inline)) inline __m512 converted16(
+    const scalar_t* p, __m512i abs_mask, bool scaled, float scale) {
   __m512 v = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(load16(p)), abs_mask));
   return scaled ? _mm512_mul_ps(v, _mm512_set1_ps(scale)) : v;
 }
@@ -520,9 +520,9 @@ __attribute__((target("avx512f"))) void rectangles_f32_avx512(const float* buf, 
 // convert their rows from the maps (diag_tile_converting_f32_avx512), which the rectangles then read;
 // without, buf holds them already.
 template <typename scalar_t>
-__attribute__((target("avx512f"))) void gram_block_f32_avx512(float* buf, int64_t m, int64_t nvec, float* vacc,
-                                                               const BlockPrefetch& prefetch,
-                                                               const BlockSource<scalar_t>* src) {
+__attribute__((target("avx512f"))) void gram_block_f32_avx512(
+    float* buf, int64_t m, int64_t nvec, float* vacc, const BlockPrefetch& prefetch,
+    const BlockSource<scalar_t>* src) {
   int64_t t = 0;
   for (int64_t i0 = 0; i0 < m; i0 += kGroupAvx512) {
     const int64_t rows = std::min(kGroupAvx512, m - i0);
@@ -634,10 +634,12 @@ DIVFAST_INLINE void item_impl(const scalar_t* x, int64_t m, int64_t b, int64_t d
       }
       const BlockSource<scalar_t> source{x + s * d + p0, b * d, inv, take_abs, scaled};
       if constexpr (kIsa == 2) {
-        gram_block_f32_avx512<scalar_t>(buf, m - 1, padded / 16, vacc, prefetch, converting ? &source : nullptr);
+        gram_block_f32_avx512<scalar_t>(buf, m - 1, padded / 16, vacc, prefetch,
+                                        converting ? &source : nullptr);
         if (flush) flush_f32_avx512(vacc, m - 1, r + m + 1, m);
       } else {
-        gram_block_f32_avx2<scalar_t>(buf, m - 1, padded / 8, vacc, prefetch, converting ? &source : nullptr);
+        gram_block_f32_avx2<scalar_t>(buf, m - 1, padded / 8, vacc, prefetch,
+                                      converting ? &source : nullptr);
         if (flush) flush_f32_avx2(vacc, m - 1, r + m + 1, m);
       }
       if (flush) flushed = 0;
