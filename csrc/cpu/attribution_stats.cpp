@@ -184,9 +184,10 @@ struct TilePrefetch {
 constexpr int64_t kPrefetchRowsPerTile = 3;
 struct BlockPrefetch {
   const char* first = nullptr;
-  int64_t rows = 0, per_tile = 0, row_stride = 0, step = 0;
+  int64_t rows = 0, row_stride = 0, step = 0;
   TilePrefetch tile(int64_t t) const {
-    const int64_t r0 = std::min(rows, t * per_tile), r1 = std::min(rows, r0 + per_tile);
+    const int64_t r0 = std::min(rows, t * kPrefetchRowsPerTile);
+    const int64_t r1 = std::min(rows, r0 + kPrefetchRowsPerTile);
     return {first + r0 * row_stride, r1 - r0, row_stride, step};
   }
 };
@@ -629,8 +630,7 @@ DIVFAST_INLINE void item_impl(const scalar_t* x, int64_t m, int64_t b, int64_t d
       if (p0 + far < d) {
         const int64_t row_bytes = b * d * static_cast<int64_t>(sizeof(scalar_t));
         const int64_t step = static_cast<int64_t>(sizeof(scalar_t)) * kLanes;
-        prefetch = {reinterpret_cast<const char*>(x + s * d + p0 + far), spread, kPrefetchRowsPerTile,
-                    row_bytes, step};
+        prefetch = {reinterpret_cast<const char*>(x + s * d + p0 + far), spread, row_bytes, step};
       }
       const BlockSource<scalar_t> source{x + s * d + p0, b * d, inv, take_abs, scaled};
       if constexpr (kIsa == 2) {
